@@ -1,0 +1,122 @@
+"""`ran summary`: parameter counts, multiply-adds and per-stage output shapes of the registered models."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ran.layers import ATTENTIONS, LEARNINGS, MASKS
+from ran.registry import create_model, list_models
+
+# Published sizes (parameters in millions, multiply-adds at 224x224 in billions); see shared/paper.md.
+PAPER_SIZES: dict[str, tuple[float | None, float | None]] = {
+    "attention56": (31.9, 6.2),
+    "attention92": (51.3, 10.4),
+    "attention_next56": (31.32, 6.42),  # the authors' released model file
+    "attention92_cifar": (1.9, None),
+    "attention236_cifar": (5.1, None),
+    "attention452_cifar": (8.6, None),
+    "preact_resnet164_cifar": (1.7, None),
+    "preact_resnet1001_cifar": (10.3, None),
+}
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    params: int
+    macs: int
+    input_size: int
+    num_classes: int
+    stage_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def paper_params(self) -> float | None:
+        return PAPER_SIZES.get(self.name, (None, None))[0]
+
+    @property
+    def paper_macs(self) -> float | None:
+        return PAPER_SIZES.get(self.name, (None, None))[1]
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: torch.nn.Module, input_size: int, in_chans: int = 3) -> int:
+    """Forward multiply-adds for one image, from torch's FlopCounterMode (one multiply-add = 2 FLOPs)."""
+    x = torch.zeros(1, in_chans, input_size, input_size)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummary:
+    """Build `name` (with `kwargs`) and measure it at `input_size` (default: the variant's own)."""
+    model = create_model(name, **kwargs)
+    size = input_size or model.default_input_size
+    shapes = model.stage_shapes(torch.zeros(1, 3, size, size)) if hasattr(model, "stage_shapes") else {}
+    return ModelSummary(name, count_params(model), count_macs(model, size), size, model.num_classes,
+                        {k: v[1:] for k, v in shapes.items()})
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    return "-" if value is None else f"{value:.2f}{unit}"
+
+
+def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
+    """The table of every model's parameters and multiply-adds beside the paper's figures."""
+    rows = [("model", "input", "params", "paper params", "mult-adds", "paper mult-adds")]
+    for name in names or list_models():
+        s = summarize(name)
+        rows.append((name, f"{s.input_size}x{s.input_size}", _fmt(s.params / 1e6, "M"), _fmt(s.paper_params, "M"),
+                     _fmt(s.macs / 1e9, "G"), _fmt(s.paper_macs, "G")))
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def format_summary(s: ModelSummary) -> str:
+    lines = [f"{s.name}: {s.num_classes} classes, input 3x{s.input_size}x{s.input_size}",
+             f"  parameters     {s.params:,} ({s.params / 1e6:.2f}M)" +
+             (f"; paper {s.paper_params}M" if s.paper_params else ""),
+             f"  multiply-adds  {s.macs:,} ({s.macs / 1e9:.3f}G)" +
+             (f"; paper {s.paper_macs}G" if s.paper_macs else ""),
+             "  output shapes (C, H, W):"]
+    lines += [f"    {k:8s} {tuple(v)}" for k, v in s.stage_shapes.items()]
+    return "\n".join(lines)
+
+
+def summary_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ran summary", description="Parameters, multiply-adds (torch's "
+                                     "FlopCounterMode, one multiply-add = 2 FLOPs) and per-stage output shapes.")
+    parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--all", action="store_true", help="a table of every registered model beside the paper")
+    parser.add_argument("--markdown", action="store_true", help="with --all: a markdown table")
+    parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the variant's own)")
+    parser.add_argument("--input-size", type=int, help="input height and width (default: the variant's own)")
+    parser.add_argument("--attention", choices=ATTENTIONS)
+    parser.add_argument("--learning", choices=LEARNINGS)
+    parser.add_argument("--mask", choices=MASKS)
+    args = parser.parse_args(argv)
+    if args.all:
+        print(size_table(markdown=args.markdown))
+        return 0
+    if not args.model:
+        parser.error("name a model, or pass --all")
+    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("attention", args.attention),
+                                ("learning", args.learning), ("mask", args.mask)) if v is not None}
+    try:
+        print(format_summary(summarize(args.model, args.input_size, **kwargs)))
+    except ValueError as err:
+        parser.exit(2, f"ran summary: error: {err}\n")
+    return 0
