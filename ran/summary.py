@@ -73,9 +73,9 @@ def _fmt(value: float | None, unit: str) -> str:
 def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
     """The table of every model's parameters and multiply-adds beside the paper's figures."""
     rows = [("model", "input", "params", "paper params", "mult-adds", "paper mult-adds")]
-    for name in names or list_models():
-        s = summarize(name)
-        rows.append((name, f"{s.input_size}x{s.input_size}", _fmt(s.params / 1e6, "M"), _fmt(s.paper_params, "M"),
+    summaries = sorted((summarize(name) for name in names or list_models()), key=lambda s: (s.input_size, s.params))
+    for s in summaries:
+        rows.append((s.name, f"{s.input_size}x{s.input_size}", _fmt(s.params / 1e6, "M"), _fmt(s.paper_params, "M"),
                      _fmt(s.macs / 1e9, "G"), _fmt(s.paper_macs, "G")))
     if markdown:
         lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

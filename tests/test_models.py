@@ -328,3 +328,10 @@ def test_summary_of_unknown_model_exits_nonzero(capsys):
         summary_main(["resnet50"])
     assert exit_info.value.code == 2
     assert "known models" in capsys.readouterr().err
+
+
+def test_readme_size_table_is_what_the_code_prints():
+    from ran.summary import size_table
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- sizes:start -->")[1].split("<!-- sizes:end -->")[0].strip()
+    assert table == size_table(markdown=True), "README's size table is stale: run `ran summary --all --markdown`"
