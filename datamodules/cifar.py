@@ -1,0 +1,539 @@
+"""CIFAR-10 and CIFAR-100 data modules (Krizhevsky, 2009), as used by Wang et al., CVPR 2017, Sec. 4.1.
+
+Both read the python-pickle layout that the official archives unpack to and differ only in constants, so
+they share :class:`CIFARDataModuleBase`. A whole split lives in memory as one uint8 ``(N, 3, 32, 32)``
+tensor; the DataLoader fancy-indexes a batch in one op and the augmentation runs batched on the training
+device in :meth:`CIFARDataModuleBase.on_after_batch_transfer`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
+
+from .errors import DatasetIntegrityError, DatasetLayoutError, DatasetNotFoundError, DatasetSizeWarning
+from .transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    augment_cifar_batch,
+    normalize_batch,
+)
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "CIFARDataModuleBase",
+    "InMemoryImageDataset",
+    "corrupt_labels",
+    "derived_generator",
+    "passthrough_collate",
+    "stratified_split",
+]
+
+# Independent random streams derived from the one user-facing seed.
+_STREAM_SPLIT, _STREAM_NOISE, _STREAM_AUGMENT = 0, 1, 2
+
+
+def derived_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded from ``(seed, *stream)`` via numpy's ``SeedSequence``.
+
+    Different ``stream`` values give statistically independent generators for the same user seed.
+    """
+    state = int(np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def stratified_split(
+    labels: torch.Tensor, val_size: int, num_classes: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices ``0..N-1`` into ``(train_idx, val_idx)`` with ``val_size`` held out, stratified by class.
+
+    Each class gives ``val_size // num_classes`` images, as far as it has them; the remainder goes one image
+    each to classes chosen at random. Which images are held out is random too (seeded by ``generator``).
+    Both index tensors are sorted int64.
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.numel()
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}) for a training set of {n} images, got {val_size}")
+    counts = torch.bincount(labels, minlength=num_classes).tolist()
+    quota = [0] * num_classes
+    remaining = val_size
+    open_classes = [c for c in range(num_classes) if counts[c] > 0]
+    while remaining > 0:
+        share = remaining // len(open_classes)
+        if share == 0:  # fewer images left than classes with spare images: one more each for a random few
+            for i in torch.randperm(len(open_classes), generator=generator)[:remaining].tolist():
+                quota[open_classes[i]] += 1
+            break
+        for c in open_classes:
+            take = min(share, counts[c] - quota[c])
+            quota[c] += take
+            remaining -= take
+        open_classes = [c for c in open_classes if quota[c] < counts[c]]
+
+    val_parts = [torch.empty(0, dtype=torch.long)]
+    for c in range(num_classes):
+        if quota[c]:
+            members = torch.nonzero(labels == c).squeeze(1)
+            val_parts.append(members[torch.randperm(members.numel(), generator=generator)[: quota[c]]])
+    val_idx = torch.sort(torch.cat(val_parts)).values
+    is_val = torch.zeros(n, dtype=torch.bool)
+    is_val[val_idx] = True
+    return torch.nonzero(~is_val).squeeze(1), val_idx
+
+
+def corrupt_labels(
+    labels: torch.Tensor, clean_ratio: float, num_classes: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, float]:
+    """Symmetric label noise: keep each label with probability ``clean_ratio``, else draw a different class.
+
+    The replacement is uniform over the other ``num_classes - 1`` classes, i.e. the noise transition matrix
+    has ``r`` on the diagonal and ``(1 - r) / (C - 1)`` elsewhere (the setting of the paper's noisy-label
+    experiment, Sec. 4.1, Table 4). Returns ``(noisy_labels, realised_clean_ratio)``; the input is unchanged.
+    """
+    if not 0.0 <= clean_ratio <= 1.0:
+        raise ValueError(f"clean_label_ratio must be in [0, 1], got {clean_ratio}")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = labels.numel()
+    if clean_ratio == 1.0 or n == 0:
+        return labels.clone(), 1.0
+    keep = torch.rand(n, generator=generator) < clean_ratio
+    shift = torch.randint(1, num_classes, (n,), generator=generator)
+    noisy = torch.where(keep, labels, (labels + shift) % num_classes)
+    return noisy, float((noisy == labels).double().mean())
+
+
+class InMemoryImageDataset(Dataset):
+    """Images held as one ``(N, C, H, W)`` tensor and int64 labels; a whole batch is one fancy-index.
+
+    ``__getitems__`` makes the DataLoader fetch the batch with one indexing op (use it with
+    :func:`passthrough_collate`); samplers, including Lightning's ``DistributedSampler``, work unchanged.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.labels[idx]
+
+
+def passthrough_collate(batch: Any) -> Any:
+    """Collate for :class:`InMemoryImageDataset`: its ``__getitems__`` already returns a batched tuple."""
+    if isinstance(batch, tuple):
+        return batch
+    return default_collate(batch)  # a dataset without __getitems__ gives a list of samples
+
+
+def _normalise_keys(obj: dict) -> dict:
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+class CIFARDataModuleBase(pl.LightningDataModule):
+    """Shared CIFAR logic; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`.
+
+    Args:
+        data_dir: folder that contains the dataset folder (``cifar-10-batches-py`` / ``cifar-100-python``).
+        batch_size: images per batch and per device.
+        val_size: training images held out for validation (model selection), stratified by class and
+            seeded. ``0`` means no validation split: ``val_dataloader`` returns an empty list, which Lightning
+            treats as "no validation" (so nothing may monitor a validation metric). The test set is never
+            used for model selection.
+        seed: seeds the validation split, the label noise and the augmentation (the latter per global rank).
+            Shuffling uses the global torch RNG (``seed_everything``).
+        download: download and extract the official archive in ``prepare_data`` if the data is absent.
+        check_md5: also compare each file's md5 with the official one. Off by default: integrity is checked
+            by structure (shapes, dtype, label range), so re-packed copies with other md5s load.
+        clean_label_ratio: fraction r of training labels kept; each is otherwise replaced by a different,
+            uniformly drawn class (paper Sec. 4.1, noisy-label robustness). Applied after the validation split,
+            to the training part only. 1.0 means no noise.
+        augment: apply the paper's augmentation (4-pixel zero padding, random 32x32 crop, random horizontal
+            flip) to training batches. Every batch is normalised with the dataset's per-channel mean/std.
+        num_workers: DataLoader worker processes. The data is in memory and a batch is one indexing op, so 0
+            (the main process) is normally fastest.
+        pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
+
+    Attributes:
+        num_classes: number of classes (set at construction, for ``LightningCLI`` argument links).
+        classes: class names from the meta file (after ``setup``).
+        train_labels: labels used for training, noisy if ``clean_label_ratio < 1`` (after ``setup("fit")``).
+        train_labels_clean: the original training labels.
+        realised_clean_ratio: fraction of ``train_labels`` equal to ``train_labels_clean`` (None before setup).
+        train_indices, val_indices: positions in the official training set of the two parts.
+        split_sizes: ``{"train": ..., "val": ..., "test": ...}`` for the splits set up so far.
+    """
+
+    # Constants set by each dataset subclass.
+    dataset_name: ClassVar[str]
+    base_folder: ClassVar[str]
+    train_files: ClassVar[tuple[tuple[str, str], ...]]  # (file name, official md5)
+    test_files: ClassVar[tuple[tuple[str, str], ...]]
+    meta_file: ClassVar[tuple[str, str]]
+    meta_key: ClassVar[str]  # class names in the meta file
+    label_key: ClassVar[str]  # labels in each batch file
+    url: ClassVar[str]
+    archive_filename: ClassVar[str]
+    archive_md5: ClassVar[str]
+    NUM_CLASSES: ClassVar[int]
+    mean: ClassVar[tuple[float, float, float]]
+    std: ClassVar[tuple[float, float, float]]
+    official_train_size: ClassVar[int] = 50_000
+    official_test_size: ClassVar[int] = 10_000
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        val_size: int = 5000,
+        seed: int = 0,
+        download: bool = False,
+        check_md5: bool = False,
+        clean_label_ratio: float = 1.0,
+        augment: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if type(self) is CIFARDataModuleBase:
+            raise TypeError("CIFARDataModuleBase is abstract: use CIFAR10DataModule or CIFAR100DataModule")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if val_size < 0:
+            raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if not 0.0 <= clean_label_ratio <= 1.0:
+            raise ValueError(f"clean_label_ratio must be in [0, 1], got {clean_label_ratio}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.seed = seed
+        self.download = download
+        self.check_md5 = check_md5
+        self.clean_label_ratio = clean_label_ratio
+        self.augment = augment
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.num_classes: int = self.NUM_CLASSES
+
+        self.classes: list[str] | None = None
+        self.train_dataset: InMemoryImageDataset | None = None
+        self.val_dataset: InMemoryImageDataset | None = None
+        self.test_dataset: InMemoryImageDataset | None = None
+        self.train_labels: torch.Tensor | None = None
+        self.train_labels_clean: torch.Tensor | None = None
+        self.realised_clean_ratio: float | None = None
+        self.train_indices: torch.Tensor | None = None
+        self.val_indices: torch.Tensor | None = None
+        self.split_sizes: dict[str, int] = {}
+        self._aug_generator: torch.Generator | None = None
+        self._aug_generator_state: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ files on disk
+    @property
+    def dataset_dir(self) -> Path:
+        """The dataset folder, ``data_dir / base_folder``."""
+        return self.data_dir / self.base_folder
+
+    def _all_files(self) -> tuple[tuple[str, str], ...]:
+        return (*self.train_files, *self.test_files, self.meta_file)
+
+    def _layout(self) -> str:
+        names = ", ".join(name for name, _ in self._all_files())
+        return f"{self.dataset_dir}/ containing {names} (what the official {self.archive_filename} unpacks to)"
+
+    def _fix_hint(self) -> str:
+        return (
+            f"Fix: run once with `--data.download true` on a machine with network access (downloads {self.url}), "
+            f"or point `--data.data_dir` at the folder that contains `{self.base_folder}`."
+        )
+
+    def _check_present(self) -> None:
+        """Raise a clear error if the dataset folder or one of its files is absent."""
+        if not self.dataset_dir.is_dir():
+            hint = ""
+            if (self.data_dir / self.train_files[0][0]).is_file():
+                hint = (
+                    f" data_dir ({self.data_dir}) looks like the dataset folder itself: "
+                    f"pass its parent ({self.data_dir.parent}) instead."
+                )
+            raise DatasetNotFoundError(
+                f"{self.dataset_name} not found: expected {self._layout()}.{hint} {self._fix_hint()}"
+            )
+        missing = [name for name, _ in self._all_files() if not (self.dataset_dir / name).is_file()]
+        if missing:
+            raise DatasetLayoutError(
+                f"{self.dataset_name} folder {self.dataset_dir} is incomplete: missing "
+                f"{', '.join(str(self.dataset_dir / m) for m in missing)}. Expected {self._layout()}. "
+                f"Re-extract the official archive there, or delete the folder and rerun with "
+                f"`--data.download true`."
+            )
+
+    def prepare_data(self) -> None:
+        """Download and extract the official archive if asked and the data is absent; else check it is there."""
+        try:
+            self._check_present()
+            return
+        except (DatasetNotFoundError, DatasetLayoutError):
+            if not self.download:
+                raise
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            download_and_extract_archive(
+                self.url, str(self.data_dir), filename=self.archive_filename, md5=self.archive_md5
+            )
+        except Exception as exc:  # offline, proxy, HTTP error, truncated download, bad md5, ...
+            raise DatasetNotFoundError(
+                f"Could not download {self.dataset_name} from {self.url} into {self.data_dir} "
+                f"({type(exc).__name__}: {exc}). Expected afterwards: {self._layout()}. Download it on a "
+                f"machine with network access and copy `{self.base_folder}` into {self.data_dir}, or point "
+                f"`--data.data_dir` at the folder that contains `{self.base_folder}`."
+            ) from exc
+        self._check_present()
+
+    def _read_pickle(self, name: str, md5: str) -> dict:
+        path = self.dataset_dir / name
+        if self.check_md5 and not check_integrity(str(path), md5):
+            raise DatasetIntegrityError(
+                f"{path}: md5 {calculate_md5(str(path))} differs from the official {md5}. This copy is not "
+                f"byte-identical to the official archive; if it is a re-packed copy it may still be valid and "
+                f"loads with `check_md5=False` (the default, which checks structure instead). For the official "
+                f"files, delete {self.dataset_dir} and rerun with `--data.download true`."
+            )
+        try:
+            with open(path, "rb") as f:
+                obj = pickle.load(f, encoding="latin1")
+        except FileNotFoundError:
+            self._check_present()
+            raise
+        except Exception as exc:
+            raise DatasetLayoutError(
+                f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}). The file is damaged or not "
+                f"from the official archive; re-extract it (expected {self._layout()})."
+            ) from exc
+        if not isinstance(obj, dict):
+            raise DatasetLayoutError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+        return _normalise_keys(obj)
+
+    def _read_batches(self, files: tuple[tuple[str, str], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read and structurally check batch files; return uint8 ``(N, 3, 32, 32)`` images, int64 labels."""
+        datas, labels = [], []
+        for name, md5 in files:
+            path = self.dataset_dir / name
+            entry = self._read_pickle(name, md5)
+            for key in ("data", self.label_key):
+                if key not in entry:
+                    raise DatasetLayoutError(
+                        f"{path}: no '{key}' entry (found keys {sorted(entry)}); expected 'data' and "
+                        f"'{self.label_key}' as in the official {self.dataset_name} files"
+                    )
+            data = entry["data"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                desc = f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
+                raise DatasetLayoutError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}")
+            lab = np.asarray(entry[self.label_key])
+            if lab.ndim != 1 or lab.shape[0] != data.shape[0]:
+                raise DatasetLayoutError(
+                    f"{path}: '{self.label_key}' has shape {lab.shape}, expected ({data.shape[0]},) to match 'data'"
+                )
+            if lab.size and (not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= self.num_classes):
+                bad = lab.dtype if not np.issubdtype(lab.dtype, np.integer) else f"range [{lab.min()}, {lab.max()}]"
+                raise DatasetLayoutError(
+                    f"{path}: '{self.label_key}' must be integers in [0, {self.num_classes}), found {bad}"
+                )
+            datas.append(data)
+            labels.append(lab.astype(np.int64))
+        images = torch.from_numpy(np.ascontiguousarray(np.concatenate(datas))).view(-1, 3, 32, 32)
+        return images, torch.from_numpy(np.concatenate(labels))
+
+    def _read_meta(self) -> list[str]:
+        name, md5 = self.meta_file
+        meta = self._read_pickle(name, md5)
+        names = meta.get(self.meta_key)
+        if not isinstance(names, (list, tuple)) or len(names) != self.num_classes:
+            found = f"{len(names)} names" if isinstance(names, (list, tuple)) else f"keys {sorted(meta)}"
+            raise DatasetLayoutError(
+                f"{self.dataset_dir / name}: expected '{self.meta_key}' with {self.num_classes} class names, "
+                f"found {found}"
+            )
+        return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
+
+    def _report_size(self, split: str, n: int, official: int) -> None:
+        rank_zero_info(f"{self.dataset_name}: {n} {split} images in {self.dataset_dir}")
+        if n != official:
+            rank_zero_warn(
+                f"{self.dataset_name} {split} set in {self.dataset_dir} has {n} images, not the official "
+                f"{official}: a subset or a modified copy.",
+                category=DatasetSizeWarning,
+            )
+
+    # ------------------------------------------------------------------ splits
+    def setup(self, stage: str | None = None) -> None:
+        """Read the splits that ``stage`` needs (``fit``/``validate``: train and val; ``test``/``predict``: test)."""
+        self._check_present()
+        if self.classes is None:
+            self.classes = self._read_meta()
+        if stage in (None, "fit", "validate") and self.train_dataset is None:
+            self._setup_train_val()
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            images, labels = self._read_batches(self.test_files)
+            self._report_size("test", len(labels), self.official_test_size)
+            self.test_dataset = InMemoryImageDataset(images, labels)
+            self.split_sizes["test"] = len(labels)
+
+    def _setup_train_val(self) -> None:
+        images, labels = self._read_batches(self.train_files)
+        self._report_size("training", len(labels), self.official_train_size)
+        train_idx, val_idx = stratified_split(
+            labels, self.val_size, self.num_classes, derived_generator(self.seed, _STREAM_SPLIT)
+        )
+        self.train_indices, self.val_indices = train_idx, val_idx
+        if val_idx.numel():
+            self.val_dataset = InMemoryImageDataset(images[val_idx], labels[val_idx])
+            train_images, self.train_labels_clean = images[train_idx], labels[train_idx]
+        else:
+            self.val_dataset = None
+            train_images, self.train_labels_clean = images, labels
+        self.train_labels, self.realised_clean_ratio = corrupt_labels(
+            self.train_labels_clean,
+            self.clean_label_ratio,
+            self.num_classes,
+            derived_generator(self.seed, _STREAM_NOISE),
+        )
+        if self.clean_label_ratio < 1.0:
+            rank_zero_info(
+                f"{self.dataset_name}: label noise with clean ratio {self.clean_label_ratio} on the training part, "
+                f"realised {self.realised_clean_ratio:.4f}"
+            )
+        self.train_dataset = InMemoryImageDataset(train_images, self.train_labels)
+        self.split_sizes.update(train=len(train_idx), val=len(val_idx))
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset: InMemoryImageDataset | None, split: str, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: the {split} split is not set up; call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=passthrough_collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled uint8 training batches ``(images, labels)``; augmented in :meth:`on_after_batch_transfer`."""
+        return self._loader(self.train_dataset, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches, or ``[]`` when ``val_size == 0`` (Lightning then skips validation)."""
+        if self.val_size == 0:
+            return []
+        return self._loader(self.val_dataset, "validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """The official test set (for the final report only, never for model selection)."""
+        return self._loader(self.test_dataset, "test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The official test set."""
+        return self._loader(self.test_dataset, "test", shuffle=False)
+
+    # ------------------------------------------------------------------ on-device augmentation
+    def _augmentation_generator(self, device: torch.device) -> torch.Generator:
+        if self._aug_generator is None or self._aug_generator.device != device:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self._aug_generator = derived_generator(self.seed, _STREAM_AUGMENT, rank, device=device)
+            if self._aug_generator_state is not None:
+                self._aug_generator.set_state(self._aug_generator_state)
+                self._aug_generator_state = None
+        return self._aug_generator
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn a uint8 batch on the device into float normalised images; augment it while training."""
+        images, labels = batch
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = augment_cifar_batch(
+                images, self._augmentation_generator(images.device), mean=self.mean, std=self.std
+            )
+        else:
+            images = normalize_batch(images, self.mean, self.std)
+        return images, labels
+
+    def state_dict(self) -> dict[str, Any]:
+        """Augmentation RNG state, saved in checkpoints so a resumed run continues the same random stream."""
+        if self._aug_generator is None:
+            return {}
+        return {"aug_generator_state": self._aug_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the augmentation RNG state (applied when the generator is next created)."""
+        self._aug_generator = None
+        self._aug_generator_state = state_dict.get("aug_generator_state")
+
+
+class CIFAR10DataModule(CIFARDataModuleBase):
+    __doc__ = (
+        "CIFAR-10: 10 classes, 50,000 training and 10,000 test 32x32 images (``cifar-10-batches-py``).\n"
+        + (CIFARDataModuleBase.__doc__ or "").split("\n", 1)[1]
+    )
+
+    dataset_name = "CIFAR-10"
+    base_folder = CIFAR10.base_folder
+    train_files = tuple((name, md5) for name, md5 in CIFAR10.train_list)
+    test_files = tuple((name, md5) for name, md5 in CIFAR10.test_list)
+    meta_file = (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
+    meta_key = CIFAR10.meta["key"]
+    label_key = "labels"
+    url = CIFAR10.url
+    archive_filename = CIFAR10.filename
+    archive_md5 = CIFAR10.tgz_md5
+    NUM_CLASSES = 10
+    mean = CIFAR10_MEAN
+    std = CIFAR10_STD
+
+
+class CIFAR100DataModule(CIFARDataModuleBase):
+    __doc__ = (
+        "CIFAR-100: 100 fine classes, 50,000 training and 10,000 test 32x32 images (``cifar-100-python``).\n"
+        + (CIFARDataModuleBase.__doc__ or "").split("\n", 1)[1]
+    )
+
+    dataset_name = "CIFAR-100"
+    base_folder = CIFAR100.base_folder
+    train_files = tuple((name, md5) for name, md5 in CIFAR100.train_list)
+    test_files = tuple((name, md5) for name, md5 in CIFAR100.test_list)
+    meta_file = (CIFAR100.meta["filename"], CIFAR100.meta["md5"])
+    meta_key = CIFAR100.meta["key"]
+    label_key = "fine_labels"
+    url = CIFAR100.url
+    archive_filename = CIFAR100.filename
+    archive_md5 = CIFAR100.tgz_md5
+    NUM_CLASSES = 100
+    mean = CIFAR100_MEAN
+    std = CIFAR100_STD

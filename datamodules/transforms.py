@@ -1,0 +1,138 @@
+"""Normalisation constants, the batched CIFAR augmentation and its per-image reference.
+
+The paper (Wang et al., CVPR 2017, Sec. 4.1) trains on CIFAR with "the standard data augmentation": 4-pixel
+zero padding on each side, a random 32x32 crop, a random horizontal flip, and per-pixel mean subtraction.
+We normalise with the per-channel mean *and* standard deviation (the usual modern variant).
+
+:func:`augment_cifar_batch` does this for a whole uint8 batch on the training device in a few tensor ops
+(one gather for all crops and flips, one fused scale-and-shift), so the data pipeline is never the
+bottleneck. :func:`reference_cifar_transform` is the same augmentation as per-image torchvision transforms;
+the tests check that the two agree (exactly for fixed offsets, and in distribution for random ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "augment_cifar_batch",
+    "crop_flip_batch",
+    "normalize_batch",
+    "random_crop_flip_params",
+    "reference_cifar_transform",
+]
+
+# Per-channel mean and standard deviation of the training images, on the [0, 1] scale.
+CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+def random_crop_flip_params(
+    batch_size: int,
+    padding: int = 4,
+    flip: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw per-image crop offsets and flip decisions.
+
+    Returns ``(top, left, flips)``: int64 offsets uniform in ``[0, 2 * padding]`` into the padded image (as
+    ``RandomCrop(32, padding=4)`` draws them) and a bool tensor, True with probability 0.5 when ``flip``.
+    """
+    top = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator, device=device)
+    left = torch.randint(0, 2 * padding + 1, (batch_size,), generator=generator, device=device)
+    if flip:
+        flips = torch.rand(batch_size, generator=generator, device=device) < 0.5
+    else:
+        flips = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    return top, left, flips
+
+
+def crop_flip_batch(
+    images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flips: torch.Tensor, padding: int = 4
+) -> torch.Tensor:
+    """Zero-pad each image by ``padding``, crop it back to its size at ``(top, left)``, mirror it where ``flips``.
+
+    Deterministic given the offsets, any dtype, one gather for the whole ``(B, C, H, W)`` batch. Image ``i``
+    equals ``hflip(crop(pad(images[i], padding), top[i], left[i], H, W))`` when ``flips[i]``.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+    rows = top.to(device).view(b, 1) + torch.arange(h, device=device)  # (B, H)
+    cols = left.to(device).view(b, 1) + torch.arange(w, device=device)  # (B, W)
+    cols = torch.where(flips.to(device).view(b, 1), cols.flip(1), cols)
+    batch_idx = torch.arange(b, device=device).view(b, 1, 1, 1)
+    chan_idx = torch.arange(c, device=device).view(1, c, 1, 1)
+    return padded[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Return float32 ``(x / 255 - mean) / std`` per channel (uint8 input) or ``(x - mean) / std`` (float)."""
+    device = images.device
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    max_value = 255.0 if images.dtype == torch.uint8 else 1.0
+    out = images.to(torch.float32, copy=True)  # never modify the caller's tensor in place
+    return out.mul_(1.0 / (max_value * std_t)).sub_(mean_t / std_t)
+
+
+def augment_cifar_batch(
+    images_uint8: torch.Tensor,
+    generator: torch.Generator | None = None,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    padding: int = 4,
+    flip: bool = True,
+) -> torch.Tensor:
+    """The paper's CIFAR training augmentation for a whole batch: pad, random crop, random flip, normalise.
+
+    Args:
+        images_uint8: ``(B, 3, 32, 32)`` uint8 images, on any device.
+        generator: a ``torch.Generator`` on the images' device for reproducible draws (global RNG if None).
+        mean, std: per-channel normalisation constants on the [0, 1] scale.
+        padding: zero padding on each side before the random crop (4 in the paper).
+        flip: random horizontal flip with p = 0.5 per image.
+
+    Returns:
+        ``(B, 3, 32, 32)`` float32 normalised images on the same device.
+    """
+    top, left, flips = random_crop_flip_params(
+        images_uint8.shape[0], padding=padding, flip=flip, generator=generator, device=images_uint8.device
+    )
+    return normalize_batch(crop_flip_batch(images_uint8, top, left, flips, padding=padding), mean, std)
+
+
+def reference_cifar_transform(
+    mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, padding: int = 4
+) -> v2.Compose:
+    """The same augmentation as per-image torchvision transforms (for PIL images or uint8 CHW tensors).
+
+    ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``, conversion to float on [0, 1], ``Normalize``.
+    Slow (one Python call chain per image); kept as the reference the batched path is tested against.
+    """
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomCrop(32, padding=padding),
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
