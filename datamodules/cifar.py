@@ -166,8 +166,8 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         check_md5: also compare each file's md5 with the official one. Off by default: integrity is checked
             by structure (shapes, dtype, label range), so re-packed copies with other md5s load.
         clean_label_ratio: fraction r of training labels kept; each is otherwise replaced by a different,
-            uniformly drawn class (paper Sec. 4.1, noisy-label robustness). Applied after the validation split,
-            to the training part only. 1.0 means no noise.
+            uniformly drawn class (paper Sec. 4.1, noisy-label robustness). Applied after the validation
+            split, to the training part only. 1.0 means no noise.
         augment: apply the paper's augmentation (4-pixel zero padding, random 32x32 crop, random horizontal
             flip) to training batches. Every batch is normalised with the dataset's per-channel mean/std.
         num_workers: DataLoader worker processes. The data is in memory and a batch is one indexing op, so 0
@@ -179,7 +179,8 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         classes: class names from the meta file (after ``setup``).
         train_labels: labels used for training, noisy if ``clean_label_ratio < 1`` (after ``setup("fit")``).
         train_labels_clean: the original training labels.
-        realised_clean_ratio: fraction of ``train_labels`` equal to ``train_labels_clean`` (None before setup).
+        realised_clean_ratio: fraction of ``train_labels`` equal to ``train_labels_clean`` (float; None
+            before setup).
         train_indices, val_indices: positions in the official training set of the two parts.
         split_sizes: ``{"train": ..., "val": ..., "test": ...}`` for the splits set up so far.
     """
@@ -264,12 +265,15 @@ class CIFARDataModuleBase(pl.LightningDataModule):
 
     def _layout(self) -> str:
         names = ", ".join(name for name, _ in self._all_files())
-        return f"{self.dataset_dir}/ containing {names} (what the official {self.archive_filename} unpacks to)"
+        return (
+            f"{self.dataset_dir}/ containing {names} (what the official {self.archive_filename} unpacks to)"
+        )
 
     def _fix_hint(self) -> str:
         return (
-            f"Fix: run once with `--data.download true` on a machine with network access (downloads {self.url}), "
-            f"or point `--data.data_dir` at the folder that contains `{self.base_folder}`."
+            f"Fix: run once with `--data.download true` on a machine with network access "
+            f"(downloads {self.url}), or point `--data.data_dir` at the folder that contains "
+            f"`{self.base_folder}`."
         )
 
     def _check_present(self) -> None:
@@ -294,7 +298,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
             )
 
     def prepare_data(self) -> None:
-        """Download and extract the official archive if asked and the data is absent; else check it is there."""
+        """Download and extract the official archive if asked and the data is absent; else check presence."""
         try:
             self._check_present()
             return
@@ -319,10 +323,10 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         path = self.dataset_dir / name
         if self.check_md5 and not check_integrity(str(path), md5):
             raise DatasetIntegrityError(
-                f"{path}: md5 {calculate_md5(str(path))} differs from the official {md5}. This copy is not "
-                f"byte-identical to the official archive; if it is a re-packed copy it may still be valid and "
-                f"loads with `check_md5=False` (the default, which checks structure instead). For the official "
-                f"files, delete {self.dataset_dir} and rerun with `--data.download true`."
+                f"{path}: md5 {calculate_md5(str(path))} differs from the official {md5}. This copy is "
+                f"not byte-identical to the official archive; if it is a re-packed copy it may still be "
+                f"valid and loads with `check_md5=False` (the default, which checks structure instead). "
+                f"For the official files, delete {self.dataset_dir} and rerun with `--data.download true`."
             )
         try:
             with open(path, "rb") as f:
@@ -332,8 +336,8 @@ class CIFARDataModuleBase(pl.LightningDataModule):
             raise
         except Exception as exc:
             raise DatasetLayoutError(
-                f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}). The file is damaged or not "
-                f"from the official archive; re-extract it (expected {self._layout()})."
+                f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}). The file is damaged "
+                f"or not from the official archive; re-extract it (expected {self._layout()})."
             ) from exc
         if not isinstance(obj, dict):
             raise DatasetLayoutError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
@@ -352,16 +356,32 @@ class CIFARDataModuleBase(pl.LightningDataModule):
                         f"'{self.label_key}' as in the official {self.dataset_name} files"
                     )
             data = entry["data"]
-            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-                desc = f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
-                raise DatasetLayoutError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}")
+            if (
+                not isinstance(data, np.ndarray)
+                or data.dtype != np.uint8
+                or data.ndim != 2
+                or data.shape[1] != 3072
+            ):
+                desc = (
+                    f"{type(data).__name__} {getattr(data, 'dtype', '')} {getattr(data, 'shape', '')}".strip()
+                )
+                raise DatasetLayoutError(
+                    f"{path}: 'data' must be a uint8 array of shape (N, 3072), found {desc}"
+                )
             lab = np.asarray(entry[self.label_key])
             if lab.ndim != 1 or lab.shape[0] != data.shape[0]:
                 raise DatasetLayoutError(
-                    f"{path}: '{self.label_key}' has shape {lab.shape}, expected ({data.shape[0]},) to match 'data'"
+                    f"{path}: '{self.label_key}' has shape {lab.shape}, "
+                    f"expected ({data.shape[0]},) to match 'data'"
                 )
-            if lab.size and (not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= self.num_classes):
-                bad = lab.dtype if not np.issubdtype(lab.dtype, np.integer) else f"range [{lab.min()}, {lab.max()}]"
+            if lab.size and (
+                not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() >= self.num_classes
+            ):
+                bad = (
+                    lab.dtype
+                    if not np.issubdtype(lab.dtype, np.integer)
+                    else f"range [{lab.min()}, {lab.max()}]"
+                )
                 raise DatasetLayoutError(
                     f"{path}: '{self.label_key}' must be integers in [0, {self.num_classes}), found {bad}"
                 )
@@ -393,7 +413,10 @@ class CIFARDataModuleBase(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ splits
     def setup(self, stage: str | None = None) -> None:
-        """Read the splits that ``stage`` needs (``fit``/``validate``: train and val; ``test``/``predict``: test)."""
+        """Read what ``stage`` needs: train and val for ``fit``/``validate``, test for ``test``/``predict``.
+
+        Raises :class:`DatasetNotFoundError` or :class:`DatasetLayoutError` naming the path and the problem.
+        """
         self._check_present()
         if self.classes is None:
             self.classes = self._read_meta()
@@ -426,8 +449,8 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         )
         if self.clean_label_ratio < 1.0:
             rank_zero_info(
-                f"{self.dataset_name}: label noise with clean ratio {self.clean_label_ratio} on the training part, "
-                f"realised {self.realised_clean_ratio:.4f}"
+                f"{self.dataset_name}: label noise with clean ratio {self.clean_label_ratio} on the training "
+                f"part, realised {self.realised_clean_ratio:.4f}"
             )
         self.train_dataset = InMemoryImageDataset(train_images, self.train_labels)
         self.split_sizes.update(train=len(train_idx), val=len(val_idx))
@@ -447,7 +470,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 training batches ``(images, labels)``; augmented in :meth:`on_after_batch_transfer`."""
+        """Shuffled uint8 training batches ``(images, labels)``, augmented in ``on_after_batch_transfer``."""
         return self._loader(self.train_dataset, "train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
@@ -470,7 +493,13 @@ class CIFARDataModuleBase(pl.LightningDataModule):
             rank = self.trainer.global_rank if self.trainer is not None else 0
             self._aug_generator = derived_generator(self.seed, _STREAM_AUGMENT, rank, device=device)
             if self._aug_generator_state is not None:
-                self._aug_generator.set_state(self._aug_generator_state)
+                try:
+                    self._aug_generator.set_state(self._aug_generator_state)
+                except RuntimeError as exc:  # e.g. a CPU generator's state restored on a GPU run
+                    rank_zero_warn(
+                        f"Could not restore the augmentation RNG state on {device} ({exc}); "
+                        f"reseeding it from seed={self.seed} instead."
+                    )
                 self._aug_generator_state = None
         return self._aug_generator
 

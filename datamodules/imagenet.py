@@ -25,6 +25,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import v2
 
+from .cifar import derived_generator
 from .errors import CorruptImageError, CorruptImageWarning, DatasetLayoutError, DatasetNotFoundError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,7 +47,7 @@ def eval_resize_size(eval_size: int) -> int:
 
 
 def imagenet_train_transform(image_size: int = 224) -> v2.Compose:
-    """RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip, to float on [0, 1], Normalize."""
+    """RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip, to [0, 1] float, Normalize."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, antialias=True),
@@ -60,7 +61,7 @@ def imagenet_train_transform(image_size: int = 224) -> v2.Compose:
 
 
 def imagenet_eval_transform(eval_size: int = 224) -> v2.Compose:
-    """Resize the shorter side to ``round(eval_size / 0.875)``, centre crop ``eval_size``, to float, Normalize."""
+    """Resize the shorter side to ``round(eval_size / 0.875)``, centre-crop ``eval_size``, Normalize."""
     return v2.Compose(
         [
             v2.Resize(eval_resize_size(eval_size), antialias=True),
@@ -114,11 +115,14 @@ class ImageTreeDataset(ImageFolder):
             if path not in self.corrupt_paths:
                 try:
                     image = self.loader(path)
-                except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError, ...
+                except (
+                    Exception
+                ) as exc:  # PIL raises OSError, UnidentifiedImageError, ValueError, SyntaxError, ...
                     if not self.skip_corrupt:
                         raise CorruptImageError(
-                            f"Could not decode image {path} ({type(exc).__name__}: {exc}). Delete or replace the "
-                            f"file, or set `--data.skip_corrupt true` to skip unreadable images with a warning."
+                            f"Could not decode image {path} ({type(exc).__name__}: {exc}). Delete or "
+                            f"replace the file, or set `--data.skip_corrupt true` to skip unreadable images "
+                            f"with a warning."
                         ) from exc
                     self.corrupt_paths.add(path)
                     warnings.warn(
@@ -134,7 +138,9 @@ class ImageTreeDataset(ImageFolder):
                         target = self.target_transform(target)
                     return image, target
             index = (index + 1) % len(self.samples)
-        raise CorruptImageError(f"No readable image in {self.root}: all {len(self.samples)} files failed to decode")
+        raise CorruptImageError(
+            f"No readable image in {self.root}: all {len(self.samples)} files failed to decode"
+        )
 
 
 class ImageNetDataModule(pl.LightningDataModule):
@@ -154,8 +160,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             ``round(eval_size / 0.875)``: 224 -> 256 -> 224 (standard), 320 -> 366 -> 320 (paper's 320 test).
         skip_corrupt: skip unreadable image files with a warning naming each, instead of failing on the first.
         holdout_per_class: if > 0, hold out that many training images per class (seeded) as the validation
-            set for model selection, and use ``val/`` as the test set. If 0, ``val/`` serves as both validation
-            and test set: the ILSVRC convention, since the official test labels are not public.
+            set for model selection, and use ``val/`` as the test set. If 0, ``val/`` serves as both
+            validation and test set: the ILSVRC convention, since the official test labels are not public.
         seed: seeds the hold-out split.
         num_classes: number of classes; counted from the class folders of ``train/`` when None. If given
             while the tree is present, it must match the count.
@@ -203,7 +209,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             self.classes = self._class_folders(self.data_dir / "train")
             if num_classes is not None and num_classes != len(self.classes):
                 raise DatasetLayoutError(
-                    f"num_classes={num_classes} but {self.data_dir / 'train'} has {len(self.classes)} class folders"
+                    f"num_classes={num_classes} but {self.data_dir / 'train'} has "
+                    f"{len(self.classes)} class folders"
                 )
             num_classes = len(self.classes)
         elif num_classes is None:
@@ -220,10 +227,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ layout checks
     def _layout_hint(self) -> str:
         return (
-            f"Expected layout: {self.data_dir}/train/<wnid>/*.JPEG and {self.data_dir}/val/<wnid>/*.JPEG, one "
-            f"folder per class with the same class folders in both (sort the official flat validation images "
-            f"with `python -m datamodules.imagenet_valprep`). Point `--data.data_dir` at the folder that "
-            f"contains train/ and val/."
+            f"Expected layout: {self.data_dir}/train/<wnid>/*.JPEG and {self.data_dir}/val/<wnid>/*.JPEG, "
+            f"one folder per class with the same class folders in both (sort the official flat validation "
+            f"images with `python -m datamodules.imagenet_valprep`). Point `--data.data_dir` at the folder "
+            f"that contains train/ and val/."
         )
 
     def _class_folders(self, root: Path) -> list[str]:
@@ -233,7 +240,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         return classes
 
     def _tree(self, split: str, transform: Callable, classes: list[str]) -> ImageTreeDataset:
-        """Load ``data_dir/split`` with the training class mapping; check its classes and that none is empty."""
+        """Load ``data_dir/split`` with the training class mapping; check its classes, none of them empty."""
         root = self.data_dir / split
         if not root.is_dir():
             raise DatasetNotFoundError(f"ImageNet {split} folder not found: {root}. {self._layout_hint()}")
@@ -242,10 +249,14 @@ class ImageNetDataModule(pl.LightningDataModule):
             extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
             raise DatasetLayoutError(
                 f"{root}: class folders differ from {self.data_dir / 'train'}: "
-                f"{len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}. {self._layout_hint()}"
+                f"{len(missing)} missing {missing[:5]}, {len(extra)} unexpected {extra[:5]}. "
+                f"{self._layout_hint()}"
             )
         dataset = ImageTreeDataset(
-            root, transform, class_to_idx={c: i for i, c in enumerate(classes)}, skip_corrupt=self.skip_corrupt
+            root,
+            transform,
+            class_to_idx={c: i for i, c in enumerate(classes)},
+            skip_corrupt=self.skip_corrupt,
         )
         counts = Counter(dataset.targets)
         empty = [str(root / c) for i, c in enumerate(classes) if counts[i] == 0]
@@ -258,7 +269,7 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _holdout_split(self, targets: list[int]) -> tuple[list[int], list[int]]:
         """``holdout_per_class`` seeded random images per class for validation; the rest for training."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = derived_generator(self.seed, 0)
         by_class: dict[int, list[int]] = {}
         for i, t in enumerate(targets):
             by_class.setdefault(t, []).append(i)
@@ -280,7 +291,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         """Scan the trees that ``stage`` needs and build the datasets."""
         train_root = self.data_dir / "train"
         if not train_root.is_dir():
-            raise DatasetNotFoundError(f"ImageNet train folder not found: {train_root}. {self._layout_hint()}")
+            raise DatasetNotFoundError(
+                f"ImageNet train folder not found: {train_root}. {self._layout_hint()}"
+            )
         if self.classes is None:
             self.classes = self._class_folders(train_root)
         eval_tf = imagenet_eval_transform(self.eval_size)
@@ -295,7 +308,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                     self.val_dataset = Subset(holdout_tree, val_idx)
             else:
                 if stage != "validate" and self.train_dataset is None:
-                    self.train_dataset = self._tree("train", imagenet_train_transform(self.image_size), self.classes)
+                    self.train_dataset = self._tree(
+                        "train", imagenet_train_transform(self.image_size), self.classes
+                    )
                 if self.val_dataset is None:
                     if self.test_dataset is None:
                         self.test_dataset = self._tree("val", eval_tf, self.classes)

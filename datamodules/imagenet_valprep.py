@@ -53,13 +53,16 @@ class ValPrepReport:
     def summary(self) -> str:
         verb = "would move" if self.dry_run else "moved"
         lines = [
-            f"{verb} {self.moved} images into {self.classes} class folders; {self.already_sorted} already sorted",
+            f"{verb} {self.moved} images into {self.classes} class folders; "
+            f"{self.already_sorted} already sorted",
         ]
         if self.missing:
             lines.append(f"{len(self.missing)} images in the ground truth not found, e.g. {self.missing[:3]}")
         if self.unlabelled:
-            lines.append(f"{len(self.unlabelled)} images without a ground-truth entry left in place, "
-                         f"e.g. {self.unlabelled[:3]}")
+            lines.append(
+                f"{len(self.unlabelled)} images without a ground-truth entry left in place, "
+                f"e.g. {self.unlabelled[:3]}"
+            )
         return "\n".join(lines)
 
 
@@ -94,12 +97,15 @@ def read_ground_truth(labels_file: str | Path) -> dict[str, str]:
     for lineno, name, wnid in rows:
         if not WNID_RE.match(wnid):
             raise ValPrepError(
-                f"{labels_file}:{lineno}: {wnid!r} is not a WordNet id like n01440764 (numeric ILSVRC ids, as in "
-                f"the devkit's ILSVRC2012_validation_ground_truth.txt, must be mapped to wnids first)"
+                f"{labels_file}:{lineno}: {wnid!r} is not a WordNet id like n01440764 (numeric ILSVRC "
+                f"ids, as in the devkit's ILSVRC2012_validation_ground_truth.txt, must be mapped to wnids "
+                f"first)"
             )
         stem = _stem(name)
         if mapping.get(stem, wnid) != wnid:
-            raise ValPrepError(f"{labels_file}:{lineno}: {stem} listed with two classes, {mapping[stem]} and {wnid}")
+            raise ValPrepError(
+                f"{labels_file}:{lineno}: {stem} listed with two classes, {mapping[stem]} and {wnid}"
+            )
         mapping[stem] = wnid
     if not mapping:
         raise ValPrepError(f"{labels_file}: no ground-truth entries found")
@@ -132,8 +138,8 @@ def sort_val_dir(val_dir: str | Path, labels_file: str | Path, dry_run: bool = F
     conflicts = [str(dest) for _, dest in moves if dest.exists()]
     if conflicts:
         raise ValPrepError(
-            f"refusing to overwrite {len(conflicts)} existing file(s), e.g. {conflicts[:3]}; nothing was moved. "
-            f"Remove the duplicates (the flat copy or the sorted one) and rerun."
+            f"refusing to overwrite {len(conflicts)} existing file(s), e.g. {conflicts[:3]}; "
+            f"nothing was moved. Remove the duplicates (the flat copy or the sorted one) and rerun."
         )
     report.moved = len(moves)
     report.classes = len({dest.parent.name for _, dest in moves})
@@ -148,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 success, 1 error)."""
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.imagenet_valprep",
-        description="Sort the flat ImageNet validation images into <wnid>/ folders using a ground-truth file.",
+        description="Sort the flat ImageNet validation images into <wnid>/ folders by a ground-truth file.",
     )
-    parser.add_argument("--val-dir", required=True, help="folder with ILSVRC2012_val_*.JPEG (sorted in place)")
+    parser.add_argument(
+        "--val-dir", required=True, help="folder with ILSVRC2012_val_*.JPEG (sorted in place)"
+    )
     parser.add_argument(
         "--labels",
         required=True,

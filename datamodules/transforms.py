@@ -5,9 +5,10 @@ zero padding on each side, a random 32x32 crop, a random horizontal flip, and pe
 We normalise with the per-channel mean *and* standard deviation (the usual modern variant).
 
 :func:`augment_cifar_batch` does this for a whole uint8 batch on the training device in a few tensor ops
-(one gather for all crops and flips, one fused scale-and-shift), so the data pipeline is never the
-bottleneck. :func:`reference_cifar_transform` is the same augmentation as per-image torchvision transforms;
-the tests check that the two agree (exactly for fixed offsets, and in distribution for random ones).
+(one gather for all crops, one ``where`` for the flips, one scale-and-shift), so the data pipeline is never
+the bottleneck. :func:`reference_cifar_transform` is the same augmentation as per-image torchvision
+transforms; the tests check that the two agree (exactly for fixed offsets, and in distribution for random
+ones).
 """
 
 from __future__ import annotations
@@ -65,22 +66,21 @@ def random_crop_flip_params(
 def crop_flip_batch(
     images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flips: torch.Tensor, padding: int = 4
 ) -> torch.Tensor:
-    """Zero-pad each image by ``padding``, crop it back to its size at ``(top, left)``, mirror it where ``flips``.
+    """Zero-pad each image by ``padding``, crop it to its size at ``(top, left)``, mirror it where ``flips``.
 
-    Deterministic given the offsets, any dtype, one gather for the whole ``(B, C, H, W)`` batch. Image ``i``
-    equals ``hflip(crop(pad(images[i], padding), top[i], left[i], H, W))`` when ``flips[i]``.
+    Deterministic given the offsets and works for any dtype. Image ``i`` equals
+    ``hflip(crop(pad(images[i], padding), top[i], left[i], H, W))`` when ``flips[i]``. All crops are one
+    advanced-indexing gather from a strided window view of the padded batch, and the flips one ``where``; no
+    Python loop over images and no host-device synchronisation.
     """
     if images.ndim != 4:
         raise ValueError(f"expected a (B, C, H, W) batch, got shape {tuple(images.shape)}")
-    b, c, h, w = images.shape
+    b, _, h, w = images.shape
     device = images.device
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    rows = top.to(device).view(b, 1) + torch.arange(h, device=device)  # (B, H)
-    cols = left.to(device).view(b, 1) + torch.arange(w, device=device)  # (B, W)
-    cols = torch.where(flips.to(device).view(b, 1), cols.flip(1), cols)
-    batch_idx = torch.arange(b, device=device).view(b, 1, 1, 1)
-    chan_idx = torch.arange(c, device=device).view(1, c, 1, 1)
-    return padded[batch_idx, chan_idx, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)  # (B, C, 2p+1, 2p+1, H, W) view, no copy
+    crops = windows[torch.arange(b, device=device), :, top.to(device), left.to(device)]  # (B, C, H, W)
+    return torch.where(flips.to(device).view(b, 1, 1, 1), crops.flip(3), crops)
 
 
 def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

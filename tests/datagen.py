@@ -76,7 +76,9 @@ def make_cifar10(root: str | Path, n_train_per_batch: int = 100, n_test: int = 1
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-10-batches-py"
     for i, name in enumerate(CIFAR10_TRAIN_FILES, start=1):
-        write_pickle(folder / name, _cifar_batch(n_train_per_batch, "labels", 10, rng, f"training batch {i} of 5"))
+        write_pickle(
+            folder / name, _cifar_batch(n_train_per_batch, "labels", 10, rng, f"training batch {i} of 5")
+        )
     write_pickle(folder / "test_batch", _cifar_batch(n_test, "labels", 10, rng, "testing batch 1 of 1"))
     write_pickle(
         folder / "batches.meta",
@@ -86,7 +88,7 @@ def make_cifar10(root: str | Path, n_train_per_batch: int = 100, n_test: int = 1
 
 
 def make_cifar100(root: str | Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> Path:
-    """Write ``root/cifar-100-python/`` (train, test, meta with fine and coarse labels); return that folder."""
+    """Write ``root/cifar-100-python/`` (train, test, meta with fine and coarse labels); return the folder."""
     rng = np.random.default_rng(seed)
     folder = Path(root) / "cifar-100-python"
     for name, n in (("train", n_train), ("test", n_test)):
