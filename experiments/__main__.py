@@ -1,0 +1,128 @@
+"""`python -m experiments`: run the paper's tables as suites, report them beside the paper, plan their cost.
+
+    python -m experiments list
+    python -m experiments run table3 --budget paper --launcher slurm --partition gpu
+    python -m experiments run arl_vs_nal --budget cpu-mini --data-dir ../shared/data --parallel 1
+    python -m experiments run table3 --budget paper --launcher list > commands.txt
+    python -m experiments report table3 --budget paper
+    python -m experiments plan table3 --budget paper --measure
+    python -m experiments responses --model attention164_cifar --compare learning=arl,nal
+    python -m experiments masks --ckpt runs/.../checkpoints/best.ckpt --data-dir data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm
+from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the suites, their runs and the paper's figures")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("suite", help=f"one of {', '.join(suite_names())}, or an alias such as table3")
+        p.add_argument("--budget", default="paper", choices=BUDGETS)
+        p.add_argument("--root", type=Path, default=Path("runs"), help="folder of the run directories")
+        p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (run: default 0)")
+
+    run = sub.add_parser("run", help="launch a suite's runs")
+    common(run)
+    run.add_argument("--launcher", default="local", choices=("local", "slurm", "list"))
+    run.add_argument("--runs", nargs="+", help="only these runs of the suite")
+    run.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
+    run.add_argument("--threads", type=int, help="local: torch threads per run (default: cores / parallel)")
+    run.add_argument("--data-dir", help="the dataset folder, passed to every run as --data.init_args.data_dir")
+    run.add_argument("--dry-run", action="store_true", help="slurm: write the scripts, do not submit")
+    run.add_argument("--partition")
+    run.add_argument("--time", default="48:00:00", help="slurm: time limit")
+    run.add_argument("--cpus-per-task", type=int, default=8)
+    run.add_argument("--mem")
+    run.add_argument("--account")
+    run.add_argument("--setup", default="", help="slurm: shell lines before the job (e.g. 'source .venv/bin/activate')")
+    run.epilog = "Arguments after `--` are passed to every `ran fit` and `ran test` (e.g. -- --trainer.precision bf16-mixed)."
+
+    rep = sub.add_parser("report", help="the suite's table beside the paper's, from the run directories")
+    common(rep)
+    rep.add_argument("--out", type=Path, help="where to write the .md and .csv (default: the suite's folder)")
+
+    plan = sub.add_parser("plan", help="runs, iterations and compute hours of a suite under a budget")
+    common(plan)
+    plan.add_argument("--measure", action="store_true",
+                      help="time each network's training step on this machine (ran.bench) and give the hours")
+    plan.add_argument("--step-steps", type=int, default=6, help="with --measure: timed steps per network")
+
+    for name in ("responses", "masks"):
+        sub.add_parser(name, help=f"the paper's analyses: see `python -m experiments {name} --help`",
+                       add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("responses", "masks"):
+        from experiments.analysis import main as analysis_main
+        return analysis_main(argv)
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.overrides = overrides
+    try:
+        if args.command == "list":
+            return _list()
+        suite = load_suite(args.suite)
+        if args.command == "run":
+            return _run(args, suite)
+        if args.command == "report":
+            from experiments.report import report
+            text, md, csv_path = report(suite, args.budget, args.root, args.out, args.seeds)
+            print(text)
+            print(f"written: {md}, {csv_path}")
+            return 0
+        from experiments.plan import plan
+        print(plan(suite, args.budget, seeds=args.seeds or [0], measure=args.measure, steps=args.step_steps))
+        return 0
+    except (SuiteError, RuntimeError, FileNotFoundError) as err:
+        print(f"python -m experiments: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _list() -> int:
+    for name in suite_names():
+        suite = load_suite(name)
+        alias = f" ({', '.join(suite.aliases)})" if suite.aliases else ""
+        print(f"{name}{alias}: {suite.title} [{suite.paper_ref}], {len(suite.runs)} runs")
+        for run in suite.runs:
+            paper = ", ".join(f"{k} {v}" for k, v in run.paper.items()) or "no published figure"
+            print(f"  {run.name:34s} {run.config.relative_to(Path.cwd()) if run.config.is_relative_to(Path.cwd()) else run.config}"
+                  f"  paper: {paper}")
+    return 0
+
+
+def _run(args: argparse.Namespace, suite) -> int:
+    extra = list(args.overrides)
+    if args.data_dir:
+        extra = ["--data.init_args.data_dir", args.data_dir, *extra]
+    jobs = make_jobs(suite, args.budget, args.seeds or [0], args.root, args.runs, extra)
+    if args.launcher == "list":
+        print("\n".join(command_list(jobs)))
+        return 0
+    if args.launcher == "slurm":
+        options = SlurmOptions(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
+                               mem=args.mem, account=args.account, setup=args.setup)
+        run_slurm(jobs, options, submit=not args.dry_run)
+        return 0
+    statuses = run_local(jobs, parallel=args.parallel, threads=args.threads)
+    failed = [name for name, status in statuses.items() if status]
+    print(f"{len(statuses) - len(failed)} of {len(statuses)} runs finished"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Tables shaped like the paper's, from the runs' own directories.
+
+Each run directory holds `results.json`, written by `ran` at the end of `fit` and of `test` (see
+`ran.callbacks.ResultsWriter`). The report reads it for every run and seed of a suite under a budget (no
+network needed), and writes a markdown and a CSV table with the measured figure (mean and spread over
+seeds), the paper's figure beside it and the difference. A run without test results is shown as missing
+(never started) or unfinished (with the step it reached); it is never filled in.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.launch import RESULTS_FILE
+from experiments.suites import Run, Suite
+
+
+@dataclass
+class Cell:
+    """One run of the suite, over all its seeds, for one metric."""
+
+    run: Run
+    metric: str
+    values: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    status: str = "missing"  # 'done' (every seed tested), 'partial', 'unfinished (...)', 'missing'
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    @property
+    def paper(self) -> float | None:
+        return self.run.paper.get(self.metric)
+
+    @property
+    def diff(self) -> float | None:
+        return None if self.mean is None or self.paper is None else self.mean - self.paper
+
+    def measured_text(self) -> str:
+        if self.mean is None:
+            return self.status
+        text = f"{self.mean:.2f}" + (f" ± {self.std:.2f}" if self.std is not None else "")
+        text += f" (n={len(self.values)})" if len(self.values) > 1 else ""
+        return text if self.status == "done" else f"{text} [{self.status}]"
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def seeds_present(suite_dir: Path, run: Run) -> list[int]:
+    return sorted(int(p.name[4:]) for p in (suite_dir / run.name).glob("seed*") if p.name[4:].isdigit())
+
+
+def collect(suite: Suite, budget: str, root: Path, seeds: list[int] | None = None) -> list[Cell]:
+    """Every (run, metric) cell of the suite, read from `<root>/<suite>/<budget>/<run>/seed<S>/`."""
+    suite_dir = root / suite.name / budget
+    cells = []
+    for run in suite.runs:
+        run_seeds = seeds if seeds is not None else seeds_present(suite_dir, run)
+        for metric in suite.metrics:
+            cell = Cell(run, metric)
+            states = []
+            for seed in run_seeds:
+                results = read_results(suite_dir / run.name / f"seed{seed}")
+                value = results.get("test", {}).get("metrics", {}).get(metric)
+                if value is not None:
+                    cell.values.append(float(value))
+                    cell.seeds.append(seed)
+                    states.append("done")
+                elif "fit" in results:
+                    fit = results["fit"]
+                    states.append(f"unfinished (step {fit.get('global_step')}/{fit.get('max_steps')})")
+                elif (suite_dir / run.name / f"seed{seed}").exists():
+                    states.append("unfinished (no results)")
+                else:
+                    states.append("missing")
+            if states and all(s == "done" for s in states):
+                cell.status = "done"
+            elif cell.values:
+                cell.status = "partial"
+            elif states:
+                cell.status = next(s for s in states if s != "missing") if any(s != "missing" for s in states) \
+                    else "missing"
+            cells.append(cell)
+    return cells
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
+    """Rows are the suite's row factor; each column factor value (and each metric) gives measured, paper and
+    difference columns."""
+    columns = sorted({str(c.run.factors.get(suite.columns, "")) for c in cells}, key=_natural) if suite.columns \
+        else [""]
+    rows = sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
+    header = [suite.rows]
+    for col in columns:
+        for metric in suite.metrics:
+            prefix = " ".join(x for x in (f"{suite.columns}={col}" if suite.columns else "",
+                                          metric if len(suite.metrics) > 1 else "") if x)
+            header += [f"{prefix} measured".strip(), f"{prefix} paper".strip(), f"{prefix} diff".strip()]
+    lines = [f"### {suite.title}", "",
+             f"{suite.paper_ref}; {suite.metric_label}; budget `{budget}`"
+             f"{'; ' + suite.note if suite.note else ''}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    index = {(str(c.run.factors.get(suite.rows)), str(c.run.factors.get(suite.columns, "")) if suite.columns
+              else "", c.metric): c for c in cells}
+    for row in rows:
+        line = [row]
+        for col in columns:
+            for metric in suite.metrics:
+                cell = index.get((row, col, metric))
+                line += ["-", "-", "-"] if cell is None else [cell.measured_text(), _fmt(cell.paper),
+                                                              _fmt(cell.diff, signed=True)]
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _natural(value: str):
+    return (0, float(value), "") if value.replace(".", "", 1).isdigit() else (1, 0.0, value)
+
+
+def write_csv(path: Path, suite: Suite, budget: str, cells: list[Cell]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["suite", "budget", "run", *sorted({k for c in cells for k in c.run.factors}), "metric",
+                         "status", "seeds", "n", "mean", "std", "paper", "diff"])
+        factor_keys = sorted({k for c in cells for k in c.run.factors})
+        for c in cells:
+            writer.writerow([suite.name, budget, c.run.name, *[c.run.factors.get(k, "") for k in factor_keys],
+                             c.metric, c.status, " ".join(map(str, c.seeds)), len(c.values),
+                             "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}",
+                             "" if c.paper is None else c.paper, "" if c.diff is None else f"{c.diff:.4f}"])
+
+
+def report(suite: Suite, budget: str, root: Path, out_dir: Path | None = None,
+           seeds: list[int] | None = None) -> tuple[str, Path, Path]:
+    """Build the suite's tables; write `<out>/<suite>-<budget>.md` and `.csv`; return the markdown and paths."""
+    cells = collect(suite, budget, root, seeds)
+    text = markdown_table(suite, budget, cells)
+    out_dir = out_dir or root / suite.name / budget
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, csv_path = out_dir / f"{suite.name}-{budget}.md", out_dir / f"{suite.name}-{budget}.csv"
+    md.write_text(text)
+    write_csv(csv_path, suite, budget, cells)
+    return text, md, csv_path

@@ -1,0 +1,98 @@
+"""The paper's tables as suites of runs.
+
+A suite is a folder `experiments/suites/<name>/`: `suite.yaml` states the table (title, the paper's table
+number, the metric, which factors make its rows and columns) and, for every run, its factors and the
+published figure; beside it, one config per run (`<run>.yaml`), a small file that extends a model config of
+`experiments/configs/` and overrides only what the run changes. Any run starts alone with
+`ran fit -c experiments/suites/<suite>/<run>.yaml`.
+
+A budget is an overlay config given after the run's (`experiments/budgets/<family>/<budget>.yaml`):
+`paper` is the paper's recipe as the run configs state it, `cpu-mini` a reduced budget for a 2-core CPU,
+`smoke` a few steps for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+SUITES_DIR = ROOT / "suites"
+BUDGETS_DIR = ROOT / "budgets"
+BUDGETS = ("paper", "cpu-mini", "smoke")
+
+
+class SuiteError(ValueError):
+    """An unknown suite, run or budget, or a malformed suite file."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    config: Path
+    factors: dict[str, Any]
+    paper: dict[str, float] = field(default_factory=dict)  # metric -> published value
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    paper_ref: str
+    metrics: tuple[str, ...]
+    metric_label: str
+    rows: str
+    columns: str | None
+    budget_family: str
+    runs: tuple[Run, ...]
+    aliases: tuple[str, ...] = ()
+    note: str = ""
+
+    def budget_config(self, budget: str) -> Path:
+        if budget not in BUDGETS:
+            raise SuiteError(f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGETS)}")
+        return BUDGETS_DIR / self.budget_family / f"{budget}.yaml"
+
+    def run(self, name: str) -> Run:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise SuiteError(f"suite {self.name!r} has no run {name!r}; its runs: {', '.join(r.name for r in self.runs)}")
+
+
+def suite_names() -> list[str]:
+    return sorted(p.parent.name for p in SUITES_DIR.glob("*/suite.yaml"))
+
+
+def load_suite(name: str) -> Suite:
+    """The suite called `name` or one of its aliases (e.g. 'table3')."""
+    for candidate in suite_names():
+        spec = yaml.safe_load((SUITES_DIR / candidate / "suite.yaml").read_text())
+        if name == candidate or name in (spec.get("aliases") or []):
+            return _parse(candidate, spec)
+    known = [f"{n} ({', '.join(a)})" if (a := _aliases(n)) else n for n in suite_names()]
+    raise SuiteError(f"unknown suite {name!r}; known suites: {', '.join(known)}")
+
+
+def _aliases(name: str) -> list[str]:
+    return yaml.safe_load((SUITES_DIR / name / "suite.yaml").read_text()).get("aliases") or []
+
+
+def _parse(name: str, spec: dict[str, Any]) -> Suite:
+    metrics = spec["metric"] if isinstance(spec["metric"], list) else [spec["metric"]]
+    runs = []
+    for run_name, entry in spec["runs"].items():
+        config = SUITES_DIR / name / f"{run_name}.yaml"
+        if not config.is_file():
+            raise SuiteError(f"suite {name!r}: run {run_name!r} has no config file {config}")
+        paper = entry.get("paper")
+        if paper is not None and not isinstance(paper, dict):
+            paper = {metrics[0]: paper}
+        runs.append(Run(run_name, config, dict(entry.get("factors") or {}), dict(paper or {})))
+    return Suite(name=name, title=spec["title"], paper_ref=str(spec.get("paper_ref", "")), metrics=tuple(metrics),
+                 metric_label=spec.get("metric_label", metrics[0]), rows=spec["rows"], columns=spec.get("columns"),
+                 budget_family=spec["budget_family"], runs=tuple(runs), aliases=tuple(spec.get("aliases") or ()),
+                 note=spec.get("note", ""))
