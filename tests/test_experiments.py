@@ -1,0 +1,238 @@
+"""The experiment suites: configs, smoke runs, launchers and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import datagen
+from experiments.__main__ import main as experiments_main
+from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm, sbatch_script
+from experiments.report import collect, markdown_table, report
+from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
+from ran.cli import load_config
+from ran.cli import main as ran_main
+from ran.results import update_results
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_RUNS = [(s, r.name) for s in suite_names() for r in load_suite(s).runs]
+
+
+@pytest.fixture(autouse=True)
+def in_repo(monkeypatch):
+    """Commands name configs relative to the working directory, as a user in the checkout types them."""
+    monkeypatch.chdir(REPO)
+
+
+def test_the_paper_tables_are_suites():
+    assert set(suite_names()) == {"activation", "arl_vs_nal", "mask_structure", "label_noise", "cifar", "imagenet",
+                                  "attention_family"}
+    assert load_suite("table3").name == "arl_vs_nal"
+    assert [r.factors["depth"] for r in load_suite("table3").runs] == [56, 56, 92, 92, 128, 128, 164, 164]
+    assert load_suite("table3").run("attention164_nal").paper == {"test/err1": 7.18}
+    noise = load_suite("label_noise")
+    assert sorted({r.factors["noise"] for r in noise.runs}) == [10, 30, 50, 70]
+    assert len(load_suite("attention_family").runs) == 8
+    with pytest.raises(SuiteError, match="known suites: activation"):
+        load_suite("table9")
+
+
+@pytest.mark.parametrize("suite,run", ALL_RUNS)
+def test_run_config_states_its_factors(suite, run):
+    """Each run config resolves its base, sets what its factors say, and tags the W&B run with them."""
+    spec = load_suite(suite).run(run)
+    cfg = load_config(spec.config)
+    assert cfg["run"]["group"] == suite
+    assert cfg["run"]["tags"] == [suite] + [f"{k}={v}" for k, v in spec.factors.items()]
+    model = cfg["model"]
+    for key in ("learning", "attention", "mask"):
+        if key in spec.factors:
+            assert model[key] == spec.factors[key]
+    if "depth" in spec.factors:
+        assert model["arch"].startswith(f"attention{spec.factors['depth']}")
+    if "noise" in spec.factors:
+        assert cfg["data"]["init_args"]["clean_label_ratio"] == pytest.approx(1 - spec.factors["noise"] / 100)
+    if "dataset" in spec.factors:
+        assert cfg["data"]["class_path"].endswith(spec.factors["dataset"].upper()
+                                                  + "DataModule")
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datagen.make_cifar10(root, n_train_per_batch=20, n_test=20)
+    datagen.make_cifar100(root, n_train=200, n_test=40)
+    datagen.make_imagefolder(root / "imagenet" / "train", n_per_class=4, size=40)
+    datagen.make_imagefolder(root / "imagenet" / "val", n_per_class=2, size=40)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite,run", ALL_RUNS)
+def test_every_run_config_trains_a_smoke_step(suite, run, fake_data, tmp_path):
+    spec = load_suite(suite)
+    data_dir = fake_data / "imagenet" if spec.budget_family == "imagenet" else fake_data
+    job = make_jobs(spec, "smoke", [0], tmp_path, [run], ["--data.init_args.data_dir", str(data_dir),
+                                                          "--trainer.max_steps", "1", "--trainer.val_check_interval",
+                                                          "1", "--trainer.limit_val_batches", "1"])[0]
+    assert ran_main(job.fit_args()) == 0
+    results = json.loads((job.run_dir / "results.json").read_text())
+    assert results["fit"]["status"] == "finished" and results["fit"]["global_step"] == 1
+    assert (job.run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_command_list_fits_then_tests_every_run_and_seed(tmp_path):
+    jobs = make_jobs(load_suite("table3"), "paper", [0, 1], tmp_path, extra=["--trainer.precision", "bf16-mixed"])
+    lines = command_list(jobs)
+    assert len(lines) == 16
+    fit, test = lines[3].split(" && ")
+    args = shlex.split(fit)
+    assert args[:2] == ["ran", "fit"]
+    assert "experiments/suites/arl_vs_nal/attention56_nal.yaml" in args
+    assert args[args.index("--run.name") + 1] == "arl_vs_nal/paper/attention56_nal/seed1"
+    assert args[args.index("--seed_everything") + 1] == "1"
+    assert args[-2:] == ["--trainer.precision", "bf16-mixed"]
+    assert shlex.split(test)[-2:] == ["--ckpt_path", "best"]
+
+
+def test_cli_list_launcher_prints_commands(capsys):
+    assert experiments_main(["run", "table4", "--budget", "cpu-mini", "--launcher", "list", "--seeds", "3",
+                             "--data-dir", "/data", "--", "--trainer.max_steps", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    assert "experiments/budgets/cifar/cpu-mini.yaml" in lines[0]
+    assert "--data.init_args.data_dir /data" in lines[0] and lines[0].split(" && ")[0].endswith("--trainer.max_steps 10")
+
+
+def test_slurm_scripts_take_resources_from_the_config(tmp_path):
+    jobs = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"])
+    script = sbatch_script(jobs[0], SlurmOptions(partition="gpu", time="72:00:00"))
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8",
+                 "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=72:00:00"):
+        assert line in script
+    assert "srun ran fit -c experiments/suites/imagenet/attention92.yaml" in script
+    assert "--ckpt_path best" in script
+    written = run_slurm(jobs, SlurmOptions(), submit=False, log=lambda _: None)
+    assert written == [tmp_path / "imagenet" / "paper" / "slurm" / "attention92-seed0.sbatch"]
+    assert written[0].read_text().startswith("#!/bin/bash")
+    cifar = sbatch_script(make_jobs(load_suite("table3"), "cpu-mini", [0], tmp_path)[0], SlurmOptions())
+    assert "#SBATCH --ntasks-per-node=1" in cifar
+
+
+def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="sbatch is not on PATH.*--dry-run"):
+        run_slurm(make_jobs(load_suite("table4"), "paper", [0], tmp_path), SlurmOptions())
+
+
+def _fake_ran(tmp_path: Path) -> Path:
+    """A stand-in `ran` that records its arguments and writes results.json as the real one does."""
+    script = tmp_path / "ran"
+    script.write_text(f"""#!{sys.executable}
+import json, sys
+from pathlib import Path
+args = sys.argv[1:]
+run_dir = Path(args[args.index("--run.root") + 1]) / args[args.index("--run.name") + 1]
+run_dir.mkdir(parents=True, exist_ok=True)
+with open(run_dir.parent / "calls.txt", "a") as f:
+    f.write(" ".join(args) + "\\n")
+results = run_dir / "results.json"
+data = json.loads(results.read_text()) if results.exists() else {{}}
+if args[0] == "fit":
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("")
+    data["fit"] = {{"status": "finished", "global_step": 3, "max_steps": 3}}
+else:
+    data["test"] = {{"metrics": {{"test/err1": 12.5}}}}
+results.write_text(json.dumps(data))
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return script
+
+
+def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(_fake_ran(tmp_path)))
+    suite = load_suite("mask_structure")
+    jobs = make_jobs(suite, "smoke", [0, 1], tmp_path / "runs")
+    assert run_local(jobs, parallel=2, log=lambda _: None) == {j.name: 0 for j in jobs}
+    assert all(j.state() == "done" for j in jobs)
+    # a finished run is skipped; one with a checkpoint but no test results is resumed with --ckpt_path last
+    (jobs[0].run_dir / "results.json").unlink()
+    calls = jobs[0].run_dir.parent / "calls.txt"
+    calls.write_text("")
+    assert run_local(jobs, log=lambda _: None) == {j.name: 0 for j in jobs}
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("fit") and lines[0].endswith("--ckpt_path last")
+    # a directory without a checkpoint is not touched
+    stale = jobs[2].run_dir
+    for p in sorted(stale.rglob("*"), reverse=True):
+        p.unlink() if p.is_file() else p.rmdir()
+    (stale / "notes.txt").write_text("keep me")
+    statuses = run_local(jobs, log=lambda _: None)
+    assert statuses[jobs[2].name] == 2 and (stale / "notes.txt").read_text() == "keep me"
+
+
+def _finish(root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100) -> None:
+    run_dir = root / suite / budget / run / f"seed{seed}"
+    update_results(run_dir, "fit", {"status": "finished" if err1 is not None else "running", "global_step": step,
+                                    "max_steps": 100})
+    if err1 is not None:
+        update_results(run_dir, "test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})
+
+
+def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
+    suite = load_suite("table3")
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 0, 30.0)
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 1, 32.0)
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", 0, 35.5)
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention164_nal", 0, None, step=40)
+    text, md, csv_path = report(suite, "cpu-mini", tmp_path)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["56"] == "| 56 | 31.00 ± 1.41 (n=2) | 5.52 | +25.48 | 35.50 | 5.89 | +29.61 |"
+    assert rows["92"] == "| 92 | missing | 4.99 | - | missing | 5.35 | - |"
+    assert "unfinished (step 40/100)" in rows["164"]
+    assert rows["164"].startswith("| 164 | missing | 4.31 | - | unfinished")
+    assert md.read_text() == text
+    csv_rows = csv_path.read_text().splitlines()
+    assert csv_rows[0] == "suite,budget,run,depth,learning,metric,status,seeds,n,mean,std,paper,diff"
+    assert "arl_vs_nal,cpu-mini,attention56_arl,56,arl,test/err1,done,0 1,2,31.0000,1.4142,5.52,25.4800" in csv_rows
+
+
+def test_report_cli_prints_and_writes(tmp_path, capsys):
+    _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
+    assert experiments_main(["report", "table4", "--budget", "smoke", "--root", str(tmp_path),
+                             "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| local | 50.00 | 6.48 | +43.52 |" in out and "| hourglass | missing | 5.52 | - |" in out
+    assert (tmp_path / "out" / "mask_structure-smoke.csv").is_file()
+
+
+def test_multi_metric_suite_reports_both_metrics(tmp_path):
+    run_dir = tmp_path / "imagenet" / "paper" / "attention92" / "seed0"
+    update_results(run_dir, "test", {"metrics": {"test/err1": 20.0, "test/err5": 5.0}})
+    cells = collect(load_suite("imagenet"), "paper", tmp_path)
+    text = markdown_table(load_suite("imagenet"), "paper", cells)
+    assert "| attention92 | 20.00 | 19.50 | +0.50 | 5.00 | 4.80 | +0.20 |" in text
+
+
+def test_unknown_suite_or_budget_exits_nonzero(capsys):
+    assert experiments_main(["report", "table42"]) == 2
+    assert "unknown suite 'table42'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiments_main(["run", "table3", "--budget", "huge"])
+    assert set(BUDGETS) == {"paper", "cpu-mini", "smoke"}
+
+
+def test_budgets_are_overlays_of_known_keys():
+    for family in ("cifar", "imagenet"):
+        for budget in BUDGETS:
+            cfg = yaml.safe_load((REPO / "experiments" / "budgets" / family / f"{budget}.yaml").read_text())
+            assert set(cfg) <= {"model", "trainer", "data", "run"}, (family, budget)
