@@ -1,0 +1,2 @@
+"""Experiment configs (`experiments/configs`), the paper's tables as suites (`experiments/suites`), budgets
+(`experiments/budgets`), and `python -m experiments` to run, report and plan them."""
