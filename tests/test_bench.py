@@ -1,0 +1,36 @@
+"""`python -m ran.bench` runs end to end and reports every figure (speed itself is never asserted here)."""
+
+from __future__ import annotations
+
+import json
+
+from ran.bench import main
+
+TINY = '{"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}'
+KEYS = {"train_img_s", "infer_img_s", "fwd_macs", "gemm_fp32_gflops", "gemm_bf16_gflops", "mfu_train_fp32",
+        "peak_memory_mb", "train_step_ms"}
+
+
+def test_bench_reports_every_figure_as_json_on_the_last_line(capsys):
+    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
+                   "--blocks", "2", "--steps-per-block", "1", "--gemm-size", "128"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == json.loads(json.dumps(result))
+    assert KEYS <= set(result)
+    assert result["fwd_macs"] > 0 and result["train_img_s"] > 0 and result["infer_img_s"] > 0
+    assert len(result["train_step_ms_blocks"]) == 2
+    expected_mfu = 3 * 2 * result["fwd_macs"] * result["train_img_s"] / (result["gemm_fp32_gflops"] * 1e9)
+    assert abs(result["mfu_train_fp32"] - expected_mfu) < 1e-9
+    assert any(line.startswith("train: ") for line in out) and any(line.startswith("GEMM ") for line in out)
+
+
+def test_bench_bf16_uses_the_bf16_gemm(capsys):
+    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
+                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--precision", "bf16-mixed"])
+    assert "mfu_train_bf16" in result and "mfu_train_fp32" not in result
+
+
+def test_bench_data_mode_measures_the_cifar_pipeline(capsys):
+    result = main(["--data", "cifar10", "--batch-size", "256", "--data-images", "2048"])
+    assert result["data_img_s"] > 0 and result["data_images"] >= 2048
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == "cifar10"
