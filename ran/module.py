@@ -1,0 +1,252 @@
+"""`ImageClassifier`: the LightningModule that trains any registered network with the paper's recipe.
+
+Recipe (Sec. 4.1 CIFAR, Sec. 4.2 ImageNet): cross-entropy, SGD with Nesterov momentum 0.9 and weight decay 1e-4,
+learning rate 0.1 divided by 10 at fixed ITERATIONS (CIFAR: 64k and 96k, stop at 160k; ImageNet: 200k, 400k
+and 500k, stop at 530k; the stop is `trainer.max_steps`). The learning rate is given at `base_batch_size` and
+can be scaled linearly with the global batch (per-device batch x devices x nodes x gradient accumulation).
+A cosine schedule over `trainer.max_steps` is the alternative. Metrics: top-1/top-5 accuracy and top-1/top-5
+error in % (the paper reports error), the best validation top-1, and per-class test accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from ran.registry import create_model
+
+__all__ = ["ImageClassifier", "LRFactor", "effective_batch_size"]
+
+
+@dataclass
+class LRFactor:
+    """The multiplier of the base learning rate at optimizer step `step` (0-based), for `LambdaLR`.
+
+    'step': multiplied by `gamma` at each of `milestones` (iterations), as in the paper; 'cosine': half a cosine
+    from 1 to 0 over `total_steps`. Either is preceded by `warmup_steps` of linear warm-up (0 in the paper).
+    A dataclass rather than a closure, so `LambdaLR.state_dict()` saves it and a resumed run gets it back.
+    """
+
+    schedule: Literal["step", "cosine"] = "step"
+    milestones: tuple[int, ...] = (64_000, 96_000)
+    gamma: float = 0.1
+    total_steps: int = 160_000
+    warmup_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.schedule == "step":
+            return warmup * self.gamma ** sum(step >= m for m in self.milestones)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
+        return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def effective_batch_size(trainer: pl.Trainer) -> int | None:
+    """Images per optimizer step over all processes: per-device batch x devices x nodes x accumulation.
+
+    None when the datamodule does not state its `batch_size`.
+    """
+    per_device = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+    if per_device is None:
+        return None
+    return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+class ImageClassifier(pl.LightningModule):
+    """Trains a registered network (`ran.list_models()`) on an image classification datamodule.
+
+    Args:
+        arch: registered model name, e.g. 'attention92_cifar', 'attention56' (ImageNet).
+        num_classes: classifier outputs; the CLI links it from the datamodule's `num_classes`.
+        attention, learning, mask: the ablations of Sec. 3.3 / 4.1 ('mixed'|'channel'|'spatial', 'arl'|'nal',
+            'hourglass'|'local'|...); None keeps the variant's default.
+        model_kwargs: any other keyword argument of the model (e.g. `stage_widths`, `drop_rate`).
+        lr: learning rate at `base_batch_size` images per step (0.1 at 64, Sec. 4.1).
+        base_batch_size: the global batch size `lr` is given for.
+        scale_lr: multiply `lr` by global batch / `base_batch_size` (linear scaling rule).
+        momentum, nesterov, weight_decay: SGD settings (0.9, Nesterov, 1e-4 in the paper).
+        schedule: 'step' (the paper's) or 'cosine' (over `trainer.max_steps`); the scheduler steps every
+            optimizer step, so `milestones` count iterations.
+        milestones, gamma: iterations at which the learning rate is multiplied by `gamma`.
+        warmup_steps: linear warm-up iterations (0 in the paper; helps large scaled learning rates).
+        sync_batchnorm: use SyncBatchNorm when training on more than one CUDA process (never on CPU).
+    """
+
+    MAX_CLASS_SCALARS = 100
+
+    def __init__(self, arch: str = "attention92_cifar", num_classes: int = 10, attention: str | None = None,
+                 learning: str | None = None, mask: str | None = None, model_kwargs: dict[str, Any] | None = None,
+                 lr: float = 0.1, base_batch_size: int = 64, scale_lr: bool = False, momentum: float = 0.9,
+                 nesterov: bool = True, weight_decay: float = 1e-4, schedule: Literal["step", "cosine"] = "step",
+                 milestones: Sequence[int] = (64_000, 96_000), gamma: float = 0.1, warmup_steps: int = 0,
+                 sync_batchnorm: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # the CLI sends the whole resolved config to the loggers
+        choices = {k: v for k, v in (("attention", attention), ("learning", learning), ("mask", mask)) if v}
+        self.net = create_model(arch, num_classes=num_classes, **choices, **(model_kwargs or {}))
+        self.num_classes = num_classes
+        self.criterion = nn.CrossEntropyLoss()
+        self.top_k = min(5, num_classes)
+
+        def accuracy(top_k: int = 1, average: str | None = "micro") -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes, top_k=top_k, average=average)
+
+        # One object per split and metric: a metric accumulates state, so splits never share one.
+        self.train_acc1, self.train_acc5 = accuracy(), accuracy(self.top_k)
+        self.val_acc1, self.val_acc5 = accuracy(), accuracy(self.top_k)
+        self.test_acc1, self.test_acc5 = accuracy(), accuracy(self.top_k)
+        self.test_acc1_per_class = accuracy(average=None)
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_acc1_best = MaxMetric()
+        self.val_acc1_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+
+    # --- model ---------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes)."""
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        """Convert BatchNorm to SyncBatchNorm on multi-process CUDA runs (SyncBatchNorm has no CPU kernel)."""
+        trainer = self.trainer
+        if (self.hparams.sync_batchnorm and trainer.world_size > 1
+                and trainer.strategy.root_device.type == "cuda"):
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+
+    # --- optimisation --------------------------------------------------------------------------------------
+
+    def scaled_lr(self) -> float:
+        """`lr`, times global batch / `base_batch_size` when `scale_lr` is set."""
+        hp = self.hparams
+        if not hp.scale_lr:
+            return hp.lr
+        batch = effective_batch_size(self.trainer)
+        if batch is None:
+            rank_zero_warn("scale_lr is set but the datamodule has no `batch_size`: the learning rate is not scaled")
+            return hp.lr
+        return hp.lr * batch / hp.base_batch_size
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.scaled_lr(), momentum=hp.momentum,
+                                    nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        factor = LRFactor(hp.schedule, tuple(hp.milestones), hp.gamma, total, hp.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    # --- steps ---------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        self.train_acc1.update(logits.detach(), y)
+        self.train_acc5.update(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_loss.update(F.cross_entropy(logits, y), weight=y.numel())
+        self.val_acc1.update(logits, y)
+        self.val_acc5.update(logits, y)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.test_loss.update(F.cross_entropy(logits, y), weight=y.numel())
+        self.test_acc1.update(logits, y)
+        self.test_acc5.update(logits, y)
+        self.test_acc1_per_class.update(logits, y)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities (B, num_classes) for a batch of images (or of (images, labels))."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=1)
+
+    # --- epoch ends: metrics are computed (and synced across processes) by torchmetrics ---------------------
+
+    def _log_split(self, split: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy,
+                   loss: MeanMetric | None = None) -> torch.Tensor:
+        """Log `<split>/acc1`, `/acc5`, `/err1`, `/err5` (error in %, as the paper reports) and `/loss`."""
+        top1, top5 = acc1.compute(), acc5.compute()
+        values = {f"{split}/acc1": top1, f"{split}/err1": 100.0 * (1.0 - top1)}
+        if self.top_k == 5:
+            values.update({f"{split}/acc5": top5, f"{split}/err5": 100.0 * (1.0 - top5)})
+        if loss is not None:
+            values[f"{split}/loss"] = loss.compute()
+            loss.reset()
+        # The values are already reduced over processes; sync_dist only keeps every rank's copy identical.
+        self.log_dict(values, sync_dist=True)
+        acc1.reset()
+        acc5.reset()
+        return top1
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_acc1.update_called:
+            self._log_split("train", self.train_acc1, self.train_acc5)
+
+    def on_validation_epoch_end(self) -> None:
+        top1 = self._log_split("val", self.val_acc1, self.val_acc5, self.val_loss)
+        if not self.trainer.sanity_checking:
+            self.val_acc1_best.update(top1)
+        if self.val_acc1_best.update_called:
+            self.log("val/acc1_best", self.val_acc1_best.compute(), sync_dist=True, prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split("test", self.test_acc1, self.test_acc5, self.test_loss)
+        per_class = self.test_acc1_per_class.compute()
+        self.test_acc1_per_class.reset()
+        self._log_per_class(self.class_names(), per_class)
+
+    # --- logging helpers -----------------------------------------------------------------------------------
+
+    def class_names(self) -> list[str]:
+        """The datamodule's class names (its `classes` attribute) or the class indices."""
+        classes = getattr(self.trainer.datamodule, "classes", None) if self.trainer.datamodule else None
+        if classes is not None and len(classes) == self.num_classes:
+            return [str(c) for c in classes]
+        return [str(i) for i in range(self.num_classes)]
+
+    def _log_per_class(self, names: list[str], per_class: torch.Tensor) -> None:
+        """Per-class test top-1 accuracy: a W&B table `test/per_class_acc1` (when a W&B logger is attached) and,
+        up to `MAX_CLASS_SCALARS` classes, one scalar `test/acc1_class/<name>` each. Sent to the loggers directly
+        (rank 0), not through `self.log`, so the printed test summary stays short."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        if not self.trainer.is_global_zero:
+            return
+        values = per_class.tolist()
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table("test/per_class_acc1", columns=["class", "acc1"],
+                                 data=[[name, acc] for name, acc in zip(names, values)], step=self.global_step)
+            if len(names) <= self.MAX_CLASS_SCALARS:
+                logger.log_metrics({f"test/acc1_class/{name}": acc for name, acc in zip(names, values)},
+                                   step=self.global_step)
+
+    def on_train_start(self) -> None:
+        """Log the effective batch size, the learning rate it gives and the realised clean-label ratio."""
+        values: dict[str, float] = {}
+        batch = effective_batch_size(self.trainer)
+        if batch is not None:
+            values["trainer/effective_batch_size"] = batch
+        values["trainer/lr_scaled"] = self.scaled_lr()
+        ratio = getattr(self.trainer.datamodule, "realised_clean_ratio", None) if self.trainer.datamodule else None
+        if ratio is not None:
+            values["data/realised_clean_ratio"] = float(ratio)
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+            logger.log_hyperparams(values)

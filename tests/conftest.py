@@ -1,0 +1,93 @@
+"""Shared fixtures: W&B without an account, a run root under tmp_path, tiny-network arguments, fake datasets, and a
+reader for W&B's offline run files."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The networks of the tests: an Attention-56 with stage widths 16/32/64 (76K parameters).
+TINY_MODEL_KWARGS = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
+TINY_MODEL_FLAG = "{stage_widths: [16, 32, 64], stem_width: 8, final_width: 64}"
+
+os.environ["WANDB_SILENT"] = "true"  # no W&B banners in test output
+
+
+@pytest.fixture(autouse=True)
+def _wandb_disabled_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture
+def run_root(tmp_path: Path) -> Path:
+    """The folder holding the test's run directories."""
+    return tmp_path / "runs"
+
+
+@pytest.fixture
+def tiny_model_kwargs() -> dict:
+    return dict(TINY_MODEL_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake CIFAR-10 in the official layout: 5 x 40 training images, 40 test images."""
+    import datagen
+
+    root = tmp_path_factory.mktemp("cifar10")
+    datagen.make_cifar10(root, n_train_per_batch=40, n_test=40)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Fake CIFAR-100 in the official layout: 300 training images, 100 test images."""
+    import datagen
+
+    root = tmp_path_factory.mktemp("cifar100")
+    datagen.make_cifar100(root, n_train=300, n_test=100)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake ImageNet tree: train/ and val/ with 3 class folders of 64x64 JPEGs."""
+    import datagen
+
+    root = tmp_path_factory.mktemp("imagenet")
+    datagen.make_imagenet_tree(root, n_train_per_class=8, n_val_per_class=4)
+    return root
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B run file (`run-<id>.wandb`): a ':W&B' header, then LevelDB-log blocks of
+    32 KiB holding records split in chunks (4-byte CRC, 2-byte length, 1-byte type: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, pending, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records

@@ -1,0 +1,58 @@
+"""Callbacks that tests put into `ran` runs (through `--trainer.callbacks`) to record what happens inside them.
+
+Each writes one JSON file per rank into `out_dir`, so that tests can read it after a subprocess exits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+
+class ResumeProbe(pl.Callback):
+    """Records, when training starts: the step, the learning rate, a momentum buffer and the torch RNG state."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0]
+        first = next(pl_module.parameters())
+        momentum = optimizer.state.get(first, {}).get("momentum_buffer")
+        record = {
+            "global_step": trainer.global_step,
+            "lr": optimizer.param_groups[0]["lr"],
+            "momentum_buffer_sum": None if momentum is None else float(momentum.double().sum()),
+            "torch_rng_sum": int(torch.get_rng_state().long().sum()),
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"resume_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class SyncProbe(pl.Callback):
+    """Counts, on each rank, the validation images it scored and those it got right (its own forward pass on
+    the batches it saw), and records the `val/acc1` the module logged at the end of validation."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.correct = self.total = 0
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.correct = self.total = 0
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.correct += int((pl_module(x).argmax(1) == y).sum())
+        self.total += int(y.numel())
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        record = {"rank": trainer.global_rank, "correct": self.correct, "total": self.total,
+                  "logged_val_acc1": float(trainer.callback_metrics["val/acc1"]), "world_size": trainer.world_size}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"sync_rank{trainer.global_rank}.json").write_text(json.dumps(record))
