@@ -22,6 +22,7 @@ requeue that left `hpc_ckpt_N.ckpt`) or `--run.overwrite true` is given.
 
 from __future__ import annotations
 
+import netrc
 import os
 import secrets
 import shutil
@@ -31,6 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import yaml
@@ -165,9 +167,6 @@ def wandb_has_credentials() -> bool:
     """An API key in WANDB_API_KEY or a ~/.netrc (or $NETRC) entry for the W&B host."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    import netrc
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None

@@ -16,7 +16,6 @@ from typing import Any, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
@@ -159,14 +158,14 @@ class ImageClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.val_loss.update(F.cross_entropy(logits, y), weight=y.numel())
+        self.val_loss.update(self.criterion(logits, y), weight=y.numel())
         self.val_acc1.update(logits, y)
         self.val_acc5.update(logits, y)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         logits = self(x)
-        self.test_loss.update(F.cross_entropy(logits, y), weight=y.numel())
+        self.test_loss.update(self.criterion(logits, y), weight=y.numel())
         self.test_acc1.update(logits, y)
         self.test_acc5.update(logits, y)
         self.test_acc1_per_class.update(logits, y)

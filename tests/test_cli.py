@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
-from ran.cli import BASE_KEY, ConfigError, load_config, main
+from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main, wandb_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 
@@ -101,6 +101,9 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
     assert sum(per_class) / 3 == pytest.approx(acc1[0], abs=1e-6)  # 4 test images in every class
     assert not logged(rows, "test/acc5")  # 3 classes: no top-5
     assert (run / "config_test.yaml").is_file()
+    validate_args = ["validate" if a == "fit" else a for a in imagenet_fit(imagenet_dir, run_root, "inet")]
+    assert main([*validate_args, "--ckpt_path", "last"]) == 0
+    assert len(logged(metrics(run, version=2), "val/acc1")) == 1 and (run / "config_validate.yaml").is_file()
 
 
 def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, run_root, tmp_path, monkeypatch):
@@ -179,6 +182,38 @@ def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, c
 def test_resuming_without_a_checkpoint_is_an_error(cifar10_dir, run_root, capsys):
     assert main(cifar_fit(cifar10_dir, run_root, "nothing", "--ckpt_path", "last")) == 2
     assert "--ckpt_path last: no checkpoint in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, "offline"),  # no API key anywhere
+    ({"WANDB_API_KEY": "k" * 40}, "online"),
+    ({"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
+    ({"WANDB_MODE": "dryrun"}, "offline"),
+    ({"WANDB_MODE": "disabled"}, "disabled"),
+    ({"NETRC": "netrc"}, "online"),  # a ~/.netrc entry for api.wandb.ai
+])
+def test_wandb_is_offline_without_credentials(env, expected, tmp_path, monkeypatch):
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
+    (tmp_path / "empty_netrc").write_text("")
+    for key in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "empty_netrc"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(tmp_path / value) if key == "NETRC" else value)
+    assert wandb_mode() == expected
+
+
+@pytest.mark.parametrize("env,zero", [
+    ({}, True), ({"RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun
+    ({"LOCAL_RANK": "1"}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's DDP launcher
+    ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False), ({"SLURM_PROCID": "5"}, False),  # srun
+])
+def test_rank_zero_is_known_before_the_process_group(env, zero, monkeypatch):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert is_launch_rank_zero() is zero
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
@@ -290,6 +325,12 @@ def test_base_inheritance_rules(tmp_path):
 def test_summary_subcommand_still_works(capsys):
     assert main(["summary", "attention92_cifar"]) == 0
     assert "attention92_cifar" in capsys.readouterr().out
+
+
+def test_usage_without_a_subcommand(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "ran {fit,validate,test,predict} -c CONFIG" in err and "ran summary" in err
 
 
 # --- real data ----------------------------------------------------------------------------------------------

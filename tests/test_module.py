@@ -144,7 +144,8 @@ def test_validation_and_test_metrics(tmp_path, imagenet_dir):
     assert np.mean(per_class) == pytest.approx(float(test["test/acc1"]), abs=1e-6)  # 4 val images per class
 
 
-def test_best_validation_accuracy_survives_a_checkpoint(tmp_path):
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric MaxMetric was called before")
+def test_best_validation_accuracy_survives_a_checkpoint():
     module = tiny()
     module.val_acc1_best.update(torch.tensor(0.75))
     state = module.state_dict()
