@@ -6,6 +6,8 @@ Each writes one JSON file per rank into `out_dir`, so that tests can read it aft
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -56,3 +58,15 @@ class SyncProbe(pl.Callback):
                   "logged_val_acc1": float(trainer.callback_metrics["val/acc1"]), "world_size": trainer.world_size}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"sync_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PreemptAt(pl.Callback):
+    """Sends this process SLURM's pre-emption signal (SIGUSR1) once the given optimizer step is done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)

@@ -163,6 +163,39 @@ def test_ddp_on_two_cpu_processes_syncs_metrics(cifar10_dir, run_root, tmp_path)
     assert load_ckpt(run_root / "ddp/checkpoints/last.ckpt")["global_step"] == 5
 
 
+@pytest.mark.slow
+def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run_root, tmp_path):
+    """SIGUSR1 (sbatch --signal=SIGUSR1@90) makes Lightning save hpc_ckpt_1.ckpt in the run directory and call
+    `scontrol requeue`; the requeued job, the same command, resumes from it instead of refusing the directory."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"  # records the call, then kills the job as SLURM would
+    scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.txt\nkill -9 $PPID\n')
+    scontrol.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ran",
+           "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    callbacks = json.dumps([{"class_path": "probes.PreemptAt", "init_args": {"step": 3}},
+                            {"class_path": "probes.ResumeProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
+    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", callbacks, steps=6)
+
+    first = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == -9, first.stderr[-3000:]  # killed by the (fake) requeue
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    run = run_root / "slurm"
+    assert load_ckpt(run / "hpc_ckpt_1.ckpt")["global_step"] == 3
+
+    callbacks = json.dumps([{"class_path": "probes.ResumeProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
+    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", callbacks, steps=6)
+    second = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((tmp_path / "probe/resume_rank0.json").read_text())["global_step"] == 3
+    assert load_ckpt(run / "checkpoints/last.ckpt")["global_step"] == 6
+
+
 # --- run directories ----------------------------------------------------------------------------------------
 
 def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, capsys):
