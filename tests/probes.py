@@ -1,6 +1,5 @@
-"""Callbacks that tests put into `ran` runs (through `--trainer.callbacks`) to record what happens inside them.
-
-Each writes one JSON file per rank into `out_dir`, so that tests can read it after a subprocess exits.
+"""Callbacks that tests put into `ran` runs (through `--trainer.callbacks`) to record what happens inside them,
+or to provoke an event. Recorders write one JSON file per rank into `out_dir`, readable after a subprocess exits.
 """
 
 from __future__ import annotations

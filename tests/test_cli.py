@@ -16,6 +16,7 @@ import yaml
 
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
 from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main, wandb_mode
+from ran.module import ImageClassifier
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 
@@ -104,6 +105,13 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
     validate_args = ["validate" if a == "fit" else a for a in imagenet_fit(imagenet_dir, run_root, "inet")]
     assert main([*validate_args, "--ckpt_path", "last"]) == 0
     assert len(logged(metrics(run, version=2), "val/acc1")) == 1 and (run / "config_validate.yaml").is_file()
+    predict_args = ["predict" if a == "fit" else a for a in imagenet_fit(imagenet_dir, run_root, "inet")]
+    assert main([*predict_args, "--ckpt_path", "best"]) == 0
+    predictions = torch.load(run / "predictions.pt")
+    assert predictions["probs"].shape == (12, 3) and predictions["classes"] == ["n01440764", "n01443537", "n01484850"]
+    assert torch.allclose(predictions["probs"].sum(1), torch.ones(12))
+    module = ImageClassifier.load_from_checkpoint(run / "checkpoints/best.ckpt")
+    assert module.num_classes == 3 and module.hparams.arch == "attention56"
 
 
 def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, run_root, tmp_path, monkeypatch):
@@ -268,6 +276,13 @@ def test_unknown_model_lists_the_known_ones(cifar10_dir, run_root, capsys):
 def test_unknown_ablation_value_is_a_clear_error(cifar10_dir, run_root, capsys):
     assert main(cifar_fit(cifar10_dir, run_root, "x", "--model.attention", "chanel")) == 2
     assert "unknown attention 'chanel'; valid choices: 'mixed', 'channel', 'spatial'" in capsys.readouterr().err
+
+
+def test_the_logger_is_chosen_by_run_logger(cifar10_dir, run_root, capsys):
+    csv_logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}})
+    args = cifar_fit(cifar10_dir, run_root, "x", "--trainer.logger", csv_logger)
+    assert main(args) == 2
+    assert "choose the logger with --run.logger (wandb, csv or none)" in capsys.readouterr().err
 
 
 def test_config_typo_names_the_key(tmp_path, capsys):
