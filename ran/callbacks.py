@@ -1,4 +1,5 @@
-"""Callbacks the `ran` command adds to every run: RNG state in checkpoints, a step-counting progress bar, and\npredictions written to disk."""
+"""Callbacks the `ran` command adds to every run: RNG state in checkpoints, validation at the last step, a
+step-counting progress bar, and predictions written to disk."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["PredictionWriter", "RNGStateCallback", "StepProgressBar", "ValidateAtMaxSteps", "collect_rng_states",
-           "set_rng_states"]
+__all__ = ["PredictionWriter", "RNGStateCallback", "StepProgressBar", "ValidateAtMaxSteps",
+           "collect_rng_states", "set_rng_states"]
 
 
 def collect_rng_states() -> dict[str, Any]:
-    """This process's torch (CPU and every CUDA device), numpy and python RNG states, as tensors and numbers only
-    (so checkpoints stay loadable with `torch.load(weights_only=True)`)."""
+    """This process's torch (CPU and every CUDA device), numpy and python RNG states, as tensors and numbers
+    only (so checkpoints stay loadable with `torch.load(weights_only=True)`)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
     states: dict[str, Any] = {
@@ -48,10 +49,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 class RNGStateCallback(pl.Callback):
     """Saves every process's RNG states in the checkpoint and restores them on resume.
 
-    Lightning restores the model, optimizer, scheduler and loop counters but not the random number generators,
-    so without this a resumed run would redraw the augmentation and dropout of a fresh seed. Each rank keeps its
-    own stream: the states are gathered from all ranks (checkpoints are saved collectively on every rank) and
-    rank r restores entry r. If the number of processes changed, rank r takes entry r modulo the saved count.
+    Lightning restores the model, optimizer, scheduler and loop counters but not the random number
+    generators, so without this a resumed run would redraw the augmentation and dropout of a fresh seed. Each
+    rank keeps its own stream: the states are gathered from all ranks (checkpoints are saved collectively on
+    every rank) and rank r restores entry r. If the number of processes changed, rank r takes entry r modulo
+    the saved count.
     """
 
     key = "rng_states"
@@ -81,10 +83,10 @@ class RNGStateCallback(pl.Callback):
 class ValidateAtMaxSteps(pl.Callback):
     """Validates the final weights when `trainer.max_steps` ends training in the middle of an epoch.
 
-    The paper's schedules stop at an iteration count (160k on CIFAR is 227.3 epochs of 704 steps), and Lightning
-    validates only at epoch ends, so the last, most converged steps would never be validated nor be candidates
-    for the best checkpoint. Requesting a stop at the last step makes Lightning validate before it stops, as it
-    does for early stopping.
+    The paper's schedules stop at an iteration count (160k on CIFAR is 227.3 epochs of 704 steps), and
+    Lightning validates only at epoch ends, so the last, most converged steps would never be validated nor be
+    candidates for the best checkpoint. Requesting a stop at the last step makes Lightning validate before it
+    stops, as it does for early stopping.
     """
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,

@@ -5,12 +5,12 @@
     ran test -c experiments/configs/cifar10/attention92.yaml --ckpt_path best    # test its best checkpoint
     ran fit -c experiments/configs/cifar10/attention92.yaml --print_config       # the merged config
 
-Config inheritance: a YAML config may name the configs it extends in a top-level `__base__` key (one path or a
-list, relative to the file that names them). The bases are resolved recursively and merged in order, then the
-file itself is merged on top: mappings merge key by key; any other value (scalars, lists) replaces the base's;
-a mapping whose `class_path` differs from the base's replaces it whole (its `init_args` belong to another
-class). The merged YAML is what LightningCLI parses, so `--print_config` shows it, unknown keys are errors, and
-later `-c` files and command-line flags override it as usual.
+Config inheritance: a YAML config may name the configs it extends in a top-level `__base__` key (one path or
+a list, relative to the file that names them). The bases are resolved recursively and merged in order, then
+the file itself is merged on top: mappings merge key by key; any other value (scalars, lists) replaces the
+base's; a mapping whose `class_path` differs from the base's replaces it whole (its `init_args` belong to
+another class). The merged YAML is what LightningCLI parses, so `--print_config` shows it, unknown keys are
+errors, and later `-c` files and command-line flags override it as usual.
 
 Runs: each run lives in `<run.root>/<run.name>` (default `runs/<name>`): `config.yaml` (the resolved config),
 `checkpoints/best.ckpt` (by val/acc1) and `checkpoints/last.ckpt`, `results.json` (final metrics, see
@@ -36,13 +36,13 @@ from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import yaml
-from datamodules.errors import CorruptImageError, DatasetLayoutError
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from datamodules.errors import CorruptImageError, DatasetLayoutError
 from ran.callbacks import PredictionWriter, RNGStateCallback, StepProgressBar, ValidateAtMaxSteps
 from ran.module import ImageClassifier
 from ran.registry import list_models
@@ -217,8 +217,8 @@ class SaveRunConfig(SaveConfigCallback):
     otherwise) with the W&B run id, and sends it to every logger as hyperparameters (the W&B run config), on
     rank 0, once the data is set up."""
 
-    def __init__(self, parser: LightningArgumentParser, config: Any, run_dir: str, wandb_id: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, parser: LightningArgumentParser, config: Any, run_dir: str,
+                 wandb_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(parser, config, overwrite=True, save_to_log_dir=False, **kwargs)
         self.run_dir = Path(run_dir)
         self.wandb_id = wandb_id
@@ -329,8 +329,8 @@ class RanCLI(LightningCLI):
             callbacks.append(PredictionWriter(self.run_dir))
         wandb_id = self.wandb_id if cfg.run.logger == "wandb" else None
         self.save_config_kwargs = {"run_dir": str(self.run_dir), "wandb_id": wandb_id}
-        # enable_autolog_hparams=False: SaveRunConfig sends the whole resolved config to the loggers instead of
-        # Lightning's flat mix of the model's and the datamodule's arguments.
+        # enable_autolog_hparams=False: SaveRunConfig sends the whole resolved config to the loggers instead
+        # of Lightning's flat mix of the model's and the datamodule's arguments.
         return super().instantiate_trainer(default_root_dir=str(self.run_dir), logger=loggers or False,
                                            callbacks=callbacks, enable_autolog_hparams=False, **kwargs)
 
@@ -354,8 +354,8 @@ USAGE = """usage: ran {fit,validate,test,predict} -c CONFIG [--section.key VALUE
 
 
 # Exceptions that are the user's to fix (config, data): reported as one line, without a traceback.
-USER_ERRORS = (ConfigError, MisconfigurationException, FileNotFoundError, NotADirectoryError, CorruptImageError,
-               DatasetLayoutError)
+USER_ERRORS = (ConfigError, MisconfigurationException, FileNotFoundError, NotADirectoryError,
+               CorruptImageError, DatasetLayoutError)
 
 
 def _one_line(err: BaseException) -> str:
@@ -370,8 +370,8 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the `ran` command with `argv` (default: sys.argv[1:]) and return its exit code.
 
-    In-process calls work for single-process runs and `ddp_spawn`; `strategy=ddp` relaunches `sys.argv`, so run
-    it as a command (`ran fit ...`, torchrun or srun).
+    In-process calls work for single-process runs and `ddp_spawn`; `strategy=ddp` relaunches `sys.argv`, so
+    run it as a command (`ran fit ...`, torchrun or srun).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "summary":

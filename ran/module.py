@@ -1,11 +1,12 @@
 """`ImageClassifier`: the LightningModule that trains any registered network with the paper's recipe.
 
-Recipe (Sec. 4.1 CIFAR, Sec. 4.2 ImageNet): cross-entropy, SGD with Nesterov momentum 0.9 and weight decay 1e-4,
-learning rate 0.1 divided by 10 at fixed ITERATIONS (CIFAR: 64k and 96k, stop at 160k; ImageNet: 200k, 400k
-and 500k, stop at 530k; the stop is `trainer.max_steps`). The learning rate is given at `base_batch_size` and
-can be scaled linearly with the global batch (per-device batch x devices x nodes x gradient accumulation).
-A cosine schedule over `trainer.max_steps` is the alternative. Metrics: top-1/top-5 accuracy and top-1/top-5
-error in % (the paper reports error), the best validation top-1, and per-class test accuracy.
+Recipe (Sec. 4.1 CIFAR, Sec. 4.2 ImageNet): cross-entropy, SGD with Nesterov momentum 0.9 and weight decay
+1e-4, learning rate 0.1 divided by 10 at fixed ITERATIONS (CIFAR: 64k and 96k, stop at 160k; ImageNet: 200k,
+400k and 500k, stop at 530k; the stop is `trainer.max_steps`). The learning rate is given at
+`base_batch_size` and can be scaled linearly with the global batch (per-device batch x devices x nodes x
+gradient accumulation). A cosine schedule over `trainer.max_steps` is the alternative. Metrics: top-1/top-5
+accuracy and top-1/top-5 error in % (the paper reports error), the best validation top-1, and per-class test
+accuracy.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ __all__ = ["ImageClassifier", "LRFactor", "effective_batch_size"]
 class LRFactor:
     """The multiplier of the base learning rate at optimizer step `step` (0-based), for `LambdaLR`.
 
-    'step': multiplied by `gamma` at each of `milestones` (iterations), as in the paper; 'cosine': half a cosine
-    from 1 to 0 over `total_steps`. Either is preceded by `warmup_steps` of linear warm-up (0 in the paper).
-    A dataclass rather than a closure, so `LambdaLR.state_dict()` saves it and a resumed run gets it back.
+    'step': multiplied by `gamma` at each of `milestones` (iterations), as in the paper; 'cosine': half a
+    cosine from 1 to 0 over `total_steps`. Either is preceded by `warmup_steps` of linear warm-up (0 in the
+    paper). A dataclass rather than a closure, so `LambdaLR.state_dict()` saves it and a resumed run gets it
+    back.
     """
 
     schedule: Literal["step", "cosine"] = "step"
@@ -45,7 +47,8 @@ class LRFactor:
         warmup = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         if self.schedule == "step":
             return warmup * self.gamma ** sum(step >= m for m in self.milestones)
-        progress = min(1.0, max(0.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)))
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, max(0.0, (step - self.warmup_steps) / span))
         return warmup * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -83,9 +86,10 @@ class ImageClassifier(pl.LightningModule):
     MAX_CLASS_SCALARS = 100
 
     def __init__(self, arch: str = "attention92_cifar", num_classes: int = 10, attention: str | None = None,
-                 learning: str | None = None, mask: str | None = None, model_kwargs: dict[str, Any] | None = None,
-                 lr: float = 0.1, base_batch_size: int = 64, scale_lr: bool = False, momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 1e-4, schedule: Literal["step", "cosine"] = "step",
+                 learning: str | None = None, mask: str | None = None,
+                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.1, base_batch_size: int = 64,
+                 scale_lr: bool = False, momentum: float = 0.9, nesterov: bool = True,
+                 weight_decay: float = 1e-4, schedule: Literal["step", "cosine"] = "step",
                  milestones: Sequence[int] = (64_000, 96_000), gamma: float = 0.1, warmup_steps: int = 0,
                  sync_batchnorm: bool = True) -> None:
         super().__init__()
@@ -130,7 +134,8 @@ class ImageClassifier(pl.LightningModule):
             return hp.lr
         batch = effective_batch_size(self.trainer)
         if batch is None:
-            rank_zero_warn("scale_lr is set but the datamodule has no `batch_size`: the learning rate is not scaled")
+            rank_zero_warn("scale_lr is set but the datamodule has no `batch_size`: the learning rate is not "
+                           "scaled")
             return hp.lr
         return hp.lr * batch / hp.base_batch_size
 
@@ -138,7 +143,8 @@ class ImageClassifier(pl.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.SGD(self.parameters(), lr=self.scaled_lr(), momentum=hp.momentum,
                                     nesterov=hp.nesterov, weight_decay=hp.weight_decay)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        trainer = self.trainer
+        total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         factor = LRFactor(hp.schedule, tuple(hp.milestones), hp.gamma, total, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer,
@@ -220,9 +226,9 @@ class ImageClassifier(pl.LightningModule):
         return [str(i) for i in range(self.num_classes)]
 
     def _log_per_class(self, names: list[str], per_class: torch.Tensor) -> None:
-        """Per-class test top-1 accuracy: a W&B table `test/per_class_acc1` (when a W&B logger is attached) and,
-        up to `MAX_CLASS_SCALARS` classes, one scalar `test/acc1_class/<name>` each. Sent to the loggers directly
-        (rank 0), not through `self.log`, so the printed test summary stays short."""
+        """Per-class test top-1 accuracy: a W&B table `test/per_class_acc1` (when a W&B logger is attached)
+        and, up to `MAX_CLASS_SCALARS` classes, one scalar `test/acc1_class/<name>` each. Sent to the loggers
+        directly (rank 0), not through `self.log`, so the printed test summary stays short."""
         from pytorch_lightning.loggers import WandbLogger
 
         if not self.trainer.is_global_zero:
@@ -230,8 +236,9 @@ class ImageClassifier(pl.LightningModule):
         values = per_class.tolist()
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_table("test/per_class_acc1", columns=["class", "acc1"],
-                                 data=[[name, acc] for name, acc in zip(names, values)], step=self.global_step)
+                rows = [[name, acc] for name, acc in zip(names, values)]
+                logger.log_table("test/per_class_acc1", columns=["class", "acc1"], data=rows,
+                                 step=self.global_step)
             if len(names) <= self.MAX_CLASS_SCALARS:
                 logger.log_metrics({f"test/acc1_class/{name}": acc for name, acc in zip(names, values)},
                                    step=self.global_step)
@@ -243,7 +250,8 @@ class ImageClassifier(pl.LightningModule):
         if batch is not None:
             values["trainer/effective_batch_size"] = batch
         values["trainer/lr_scaled"] = self.scaled_lr()
-        ratio = getattr(self.trainer.datamodule, "realised_clean_ratio", None) if self.trainer.datamodule else None
+        datamodule = self.trainer.datamodule
+        ratio = getattr(datamodule, "realised_clean_ratio", None) if datamodule is not None else None
         if ratio is not None:
             values["data/realised_clean_ratio"] = float(ratio)
         for logger in self.loggers:

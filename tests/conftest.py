@@ -1,5 +1,5 @@
-"""Shared fixtures: W&B without an account, a run root under tmp_path, tiny-network arguments, fake datasets, and a
-reader for W&B's offline run files."""
+"""Shared fixtures: W&B without an account, a run root under tmp_path, tiny-network arguments, fake datasets,
+and a reader for W&B's offline run files."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def imagenet_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def wandb_records(path: Path) -> list:
     """The protobuf records of a W&B run file (`run-<id>.wandb`): a ':W&B' header, then LevelDB-log blocks of
-    32 KiB holding records split in chunks (4-byte CRC, 2-byte length, 1-byte type: full/first/middle/last)."""
+    32 KiB holding records split in chunks (4-byte CRC, 2-byte length, 1-byte type: full, first, middle,
+    last)."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()

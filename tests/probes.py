@@ -1,5 +1,6 @@
-"""Callbacks that tests put into `ran` runs (through `--trainer.callbacks`) to record what happens inside them,
-or to provoke an event. Recorders write one JSON file per rank into `out_dir`, readable after a subprocess exits.
+"""Callbacks that tests put into `ran` runs (through `--trainer.callbacks`) to record what happens inside
+them, or to provoke an event. Recorders write one JSON file per rank into `out_dir`, readable after a
+subprocess exits.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 
 class ResumeProbe(pl.Callback):
-    """Records, when training starts: the step, the learning rate, a momentum buffer and the torch RNG state."""
+    """Records, when training starts: the step, the learning rate, a momentum buffer and the torch RNG
+    state."""
 
     def __init__(self, out_dir: str) -> None:
         self.out_dir = Path(out_dir)
@@ -53,8 +55,8 @@ class SyncProbe(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        record = {"rank": trainer.global_rank, "correct": self.correct, "total": self.total,
-                  "logged_val_acc1": float(trainer.callback_metrics["val/acc1"]), "world_size": trainer.world_size}
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "correct": self.correct,
+                  "total": self.total, "logged_val_acc1": float(trainer.callback_metrics["val/acc1"])}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"sync_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

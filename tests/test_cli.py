@@ -1,5 +1,6 @@
-"""Tests for the `ran` command (`ran.cli.main`): training runs on fake data in the real on-disk formats, resume,
-DDP, W&B offline files, run-directory protection, error messages, and every shipped config."""
+"""Tests for the `ran` command (`ran.cli.main`): training runs on fake data in the real on-disk formats,
+resume, DDP, SLURM pre-emption, W&B offline files, run-directory protection, error messages, and every shipped
+config."""
 
 from __future__ import annotations
 
@@ -23,20 +24,22 @@ pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeW
 TESTS = Path(__file__).resolve().parent
 
 
-def cifar_fit(data_dir: Path, run_root: Path, name: str, *extra: str, config: str = "cifar10/attention56.yaml",
-              steps: int = 6, logger: str = "csv") -> list[str]:
+def cifar_fit(data_dir: Path, run_root: Path, name: str, *extra: str,
+              config: str = "cifar10/attention56.yaml", steps: int = 6, logger: str = "csv") -> list[str]:
     """`ran fit` arguments for a tiny network on fake CIFAR: 160 training images (10 steps of 16), 40 for
     validation."""
     return ["fit", "-c", str(CONFIGS / config), "--data.data_dir", str(data_dir), "--data.val_size", "40",
-            "--data.batch_size", "16", "--model.model_kwargs", TINY_MODEL_FLAG, "--trainer.max_steps", str(steps),
-            "--trainer.accelerator", "cpu", "--trainer.log_every_n_steps", "1",
+            "--data.batch_size", "16", "--model.model_kwargs", TINY_MODEL_FLAG,
+            "--trainer.max_steps", str(steps), "--trainer.accelerator", "cpu",
+            "--trainer.log_every_n_steps", "1",
             "--trainer.enable_model_summary", "false", "--run.root", str(run_root), "--run.name", name,
             "--run.logger", logger, *extra]
 
 
 def imagenet_fit(data_dir: Path, run_root: Path, name: str, *extra: str, steps: int = 3) -> list[str]:
     return ["fit", "-c", str(CONFIGS / "imagenet/quick_cpu.yaml"), "--data.data_dir", str(data_dir),
-            "--data.batch_size", "4", "--data.num_workers", "0", "--data.image_size", "32", "--data.eval_size", "32",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.image_size", "32",
+            "--data.eval_size", "32",
             "--model.model_kwargs", TINY_MODEL_FLAG, "--trainer.max_steps", str(steps),
             "--trainer.limit_train_batches", str(steps), "--trainer.log_every_n_steps", "1",
             "--trainer.enable_model_summary", "false", "--run.root", str(run_root), "--run.name", name,
@@ -79,8 +82,8 @@ def test_fit_cifar10_writes_the_run_directory(cifar10_dir, run_root):
 
 
 def test_fit_cifar100_links_its_100_classes(cifar100_dir, run_root):
-    args = cifar_fit(cifar100_dir, run_root, "c100", "--data.val_size", "100", "--trainer.limit_train_batches", "4",
-                     config="cifar100/attention92.yaml", steps=4)
+    args = cifar_fit(cifar100_dir, run_root, "c100", "--data.val_size", "100",
+                     "--trainer.limit_train_batches", "4", config="cifar100/attention92.yaml", steps=4)
     assert main(args) == 0
     run = run_root / "c100"
     assert load_ckpt(run / "checkpoints/last.ckpt")["state_dict"]["net.fc.weight"].shape == (100, 64)
@@ -98,7 +101,8 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
     rows = metrics(run, version=1)
     acc1 = logged(rows, "test/acc1")
     assert len(acc1) == 1 and logged(rows, "test/err1") == pytest.approx([100 * (1 - acc1[0])], abs=1e-4)
-    per_class = [logged(rows, f"test/acc1_class/{wnid}")[0] for wnid in ("n01440764", "n01443537", "n01484850")]
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    per_class = [logged(rows, f"test/acc1_class/{wnid}")[0] for wnid in wnids]
     assert sum(per_class) / 3 == pytest.approx(acc1[0], abs=1e-6)  # 4 test images in every class
     assert not logged(rows, "test/acc5")  # 3 classes: no top-5
     assert (run / "config_test.yaml").is_file()
@@ -108,15 +112,21 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
     predict_args = ["predict" if a == "fit" else a for a in imagenet_fit(imagenet_dir, run_root, "inet")]
     assert main([*predict_args, "--ckpt_path", "best"]) == 0
     predictions = torch.load(run / "predictions.pt")
-    assert predictions["probs"].shape == (12, 3) and predictions["classes"] == ["n01440764", "n01443537", "n01484850"]
+    assert predictions["probs"].shape == (12, 3) and predictions["classes"] == wnids
     assert torch.allclose(predictions["probs"].sum(1), torch.ones(12))
     module = ImageClassifier.load_from_checkpoint(run / "checkpoints/best.ckpt")
     assert module.num_classes == 3 and module.hparams.arch == "attention56"
 
 
-def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, run_root, tmp_path, monkeypatch):
+def callbacks(*probes: tuple[str, dict]) -> str:
+    """A `--trainer.callbacks` value: (class name in probes.py, init_args) pairs."""
+    return json.dumps([{"class_path": f"probes.{name}", "init_args": init_args} for name, init_args in probes])
+
+
+def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, run_root, tmp_path,
+                                                                   monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    probe = json.dumps([{"class_path": "probes.ResumeProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
+    probe = callbacks(("ResumeProbe", {"out_dir": str(tmp_path / "probe")}))
     common = ("--model.scale_lr", "false", "--model.milestones", "[4]", "--trainer.callbacks", probe)
     assert main(cifar_fit(cifar10_dir, run_root, "resume", *common, steps=6, logger="wandb")) == 0
     run = run_root / "resume"
@@ -138,8 +148,8 @@ def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, r
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(d.name.endswith(run_id) for d in offline)
     records = [wandb_records(d / f"run-{run_id}.wandb") for d in offline]
-    config = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for r in records[0] if r.HasField("config")
-              for u in r.config.update}
+    config = {u.key or "/".join(u.nested_key): json.loads(u.value_json)
+              for r in records[0] if r.HasField("config") for u in r.config.update}
     assert config["model"]["arch"] == "attention56_cifar" and config["run"]["name"] == "resume"
     assert config["trainer/effective_batch_size"] == 16
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
@@ -154,7 +164,7 @@ def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, r
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_syncs_metrics(cifar10_dir, run_root, tmp_path):
     """`strategy=ddp` relaunches the command, so it runs as one (python -m ran.cli) with 2 gloo processes."""
-    probe = json.dumps([{"class_path": "probes.SyncProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
+    probe = callbacks(("SyncProbe", {"out_dir": str(tmp_path / "probe")}))
     args = cifar_fit(cifar10_dir, run_root, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
                      "--trainer.callbacks", probe, steps=5)  # 160 images / (2 x 16) = 5 steps: one epoch
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
@@ -173,20 +183,21 @@ def test_ddp_on_two_cpu_processes_syncs_metrics(cifar10_dir, run_root, tmp_path)
 
 @pytest.mark.slow
 def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run_root, tmp_path):
-    """SIGUSR1 (sbatch --signal=SIGUSR1@90) makes Lightning save hpc_ckpt_1.ckpt in the run directory and call
-    `scontrol requeue`; the requeued job, the same command, resumes from it instead of refusing the directory."""
+    """SIGUSR1 (sbatch --signal=SIGUSR1@90) makes Lightning save hpc_ckpt_1.ckpt in the run directory and
+    call `scontrol requeue`; the requeued job, the same command, resumes from it instead of refusing the
+    directory."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"  # records the call, then kills the job as SLURM would
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.txt\nkill -9 $PPID\n')
     scontrol.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ran",
-           "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
-           "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
-    callbacks = json.dumps([{"class_path": "probes.PreemptAt", "init_args": {"step": 3}},
-                            {"class_path": "probes.ResumeProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
-    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", callbacks, steps=6)
+           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NAME": "ran", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1",
+           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    recorder = ("ResumeProbe", {"out_dir": str(tmp_path / "probe")})
+    probe = callbacks(("PreemptAt", {"step": 3}), recorder)
+    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", probe, steps=6)
 
     first = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
                            timeout=300)
@@ -195,8 +206,8 @@ def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run
     run = run_root / "slurm"
     assert load_ckpt(run / "hpc_ckpt_1.ckpt")["global_step"] == 3
 
-    callbacks = json.dumps([{"class_path": "probes.ResumeProbe", "init_args": {"out_dir": str(tmp_path / "probe")}}])
-    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", callbacks, steps=6)
+    probe = callbacks(recorder)
+    args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", probe, steps=6)
     second = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -212,7 +223,8 @@ def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, c
     (run / "config.yaml").write_text("model: {arch: attention92_cifar}\n")
     assert main(cifar_fit(cifar10_dir, run_root, "taken", steps=2)) == 2
     err = capsys.readouterr().err
-    assert f"run directory {run} exists" in err and "--ckpt_path last" in err and "--run.overwrite true" in err
+    assert f"run directory {run} exists" in err
+    assert "--ckpt_path last" in err and "--run.overwrite true" in err
     assert "Traceback" not in err
     assert (run / "config.yaml").read_text() == "model: {arch: attention92_cifar}\n"
 
@@ -263,23 +275,27 @@ def test_missing_data_directory(tmp_path, run_root, capsys):
     args = cifar_fit(tmp_path / "nowhere", run_root, "missing", "--data.download", "false")
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert "ran fit: error: CIFAR-10 not found" in err and "cifar-10-batches-py" in err and "Traceback" not in err
+    assert "ran fit: error: CIFAR-10 not found" in err and "cifar-10-batches-py" in err
+    assert "Traceback" not in err
     assert not (run_root / "missing" / "config.yaml").exists()
 
 
 def test_unknown_model_lists_the_known_ones(cifar10_dir, run_root, capsys):
     assert main(cifar_fit(cifar10_dir, run_root, "x", "--model.arch", "attention57")) == 2
     err = capsys.readouterr().err
-    assert "unknown model 'attention57'" in err and "attention92_cifar" in err and "preact_resnet164_cifar" in err
+    assert "unknown model 'attention57'" in err
+    assert "attention92_cifar" in err and "preact_resnet164_cifar" in err
 
 
 def test_unknown_ablation_value_is_a_clear_error(cifar10_dir, run_root, capsys):
     assert main(cifar_fit(cifar10_dir, run_root, "x", "--model.attention", "chanel")) == 2
-    assert "unknown attention 'chanel'; valid choices: 'mixed', 'channel', 'spatial'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown attention 'chanel'; valid choices: 'mixed', 'channel', 'spatial'" in err
 
 
 def test_the_logger_is_chosen_by_run_logger(cifar10_dir, run_root, capsys):
-    csv_logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}})
+    csv_logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger",
+                             "init_args": {"save_dir": "logs"}})
     args = cifar_fit(cifar10_dir, run_root, "x", "--trainer.logger", csv_logger)
     assert main(args) == 2
     assert "choose the logger with --run.logger (wandb, csv or none)" in capsys.readouterr().err
@@ -352,13 +368,15 @@ def test_base_inheritance_rules(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base/root.yaml").write_text(
         "model: {lr: 0.1, milestones: [1, 2]}\ndata: {class_path: a.A, init_args: {x: 1, y: 2}}\n")
-    (tmp_path / "base/mid.yaml").write_text("__base__: root.yaml\nmodel: {momentum: 0.9}\ndata: {init_args: {y: 3}}\n")
+    (tmp_path / "base/mid.yaml").write_text(
+        "__base__: root.yaml\nmodel: {momentum: 0.9}\ndata: {init_args: {y: 3}}\n")
     (tmp_path / "leaf.yaml").write_text(
         "__base__: base/mid.yaml\nmodel: {milestones: [5]}\n")
     assert load_config(tmp_path / "leaf.yaml") == {
         "model": {"lr": 0.1, "milestones": [5], "momentum": 0.9},
         "data": {"class_path": "a.A", "init_args": {"x": 1, "y": 3}}}
-    (tmp_path / "other.yaml").write_text("__base__: [base/mid.yaml]\ndata: {class_path: b.B, init_args: {z: 1}}\n")
+    (tmp_path / "other.yaml").write_text(
+        "__base__: [base/mid.yaml]\ndata: {class_path: b.B, init_args: {z: 1}}\n")
     assert load_config(tmp_path / "other.yaml")["data"] == {"class_path": "b.B", "init_args": {"z": 1}}
 
     (tmp_path / "loop_a.yaml").write_text("__base__: loop_b.yaml\n")

@@ -1,4 +1,5 @@
-"""Tests for `ran.module.ImageClassifier` and `ran.callbacks` with plain Lightning Trainers (tiny networks)."""
+"""Tests for `ran.module.ImageClassifier` and `ran.callbacks`, with plain Lightning Trainers and tiny
+networks."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def tiny(num_classes: int = 10, **kwargs) -> ImageClassifier:
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                    default_root_dir=tmp_path, log_every_n_steps=1)
+    defaults = dict(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"),
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, default_root_dir=tmp_path, log_every_n_steps=1)
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -59,7 +60,8 @@ def test_cosine_schedule_and_warmup():
 # --- the module ---------------------------------------------------------------------------------------------
 
 def test_builds_any_registered_network_with_its_ablation_switches():
-    module = ImageClassifier("attention56_cifar", num_classes=7, attention="channel", learning="nal", mask="local",
+    module = ImageClassifier("attention56_cifar", num_classes=7, attention="channel", learning="nal",
+                             mask="local",
                              model_kwargs={"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64})
     attention = next(iter(module.net.attention_modules.values()))
     assert attention.learning == "nal"
@@ -112,8 +114,9 @@ def test_learning_rate_scales_with_the_global_batch(tmp_path, cifar10_dir):
     t.fit(module, data)
     assert effective_batch_size(t) == 16
     rows = read_metrics(t.logger)
-    assert float(next(r["trainer/effective_batch_size"] for r in rows if r.get("trainer/effective_batch_size"))) == 16
-    assert float(next(r["trainer/lr_scaled"] for r in rows if r.get("trainer/lr_scaled"))) == pytest.approx(0.025)
+    first = {key: float(next(r[key] for r in rows if r.get(key)))
+             for key in ("trainer/effective_batch_size", "trainer/lr_scaled")}
+    assert first == {"trainer/effective_batch_size": 16.0, "trainer/lr_scaled": pytest.approx(0.025)}
     scheduler_lr = t.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
     assert scheduler_lr == pytest.approx(0.1 * 16 / 64 * 0.1)  # past the milestone at step 3
     unscaled = tiny(lr=0.1, scale_lr=False)
@@ -154,7 +157,7 @@ def test_best_validation_accuracy_survives_a_checkpoint():
     assert float(restored.val_acc1_best.compute()) == 0.75
 
 
-# --- RNG state in checkpoints ---------------------------------------------------------------------------------
+# --- RNG state in checkpoints -------------------------------------------------------------------------------
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint():
     torch.manual_seed(1), np.random.seed(1), random.seed(1)
@@ -169,7 +172,8 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint():
     torch.manual_seed(2), np.random.seed(2), random.seed(2)
     RNGStateCallback().on_load_checkpoint(fake_trainer, None, loaded)
     again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
-    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+    assert torch.equal(expected[0], again[0])
+    assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
 def test_rng_states_of_other_ranks_are_kept_apart():
