@@ -121,7 +121,8 @@ class ImageClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Convert BatchNorm to SyncBatchNorm on multi-process CUDA runs (SyncBatchNorm has no CPU kernel)."""
         trainer = self.trainer
-        if (self.hparams.sync_batchnorm and trainer.world_size > 1
+        converted = any(isinstance(m, nn.SyncBatchNorm) for m in self.net.modules())
+        if (self.hparams.sync_batchnorm and not converted and trainer.world_size > 1
                 and trainer.strategy.root_device.type == "cuda"):
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
 

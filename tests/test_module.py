@@ -83,14 +83,15 @@ def test_metric_objects_are_separate_per_split_and_top5_needs_five_classes():
 
 
 def test_sync_batchnorm_only_on_multi_process_cuda_runs():
-    def converted(world_size: int, device: str) -> bool:
+    def converted(world_size: int, device: str, stages: tuple[str, ...] = ("fit",)) -> bool:
         module = tiny()
         module._trainer = SimpleNamespace(world_size=world_size,
                                           strategy=SimpleNamespace(root_device=torch.device(device)))
-        module.setup("fit")
+        for stage in stages:
+            module.setup(stage)
         return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
 
-    assert converted(2, "cuda")
+    assert converted(2, "cuda", ("fit", "test"))
     assert not converted(2, "cpu")
     assert not converted(1, "cuda")
 
