@@ -1,7 +1,7 @@
 """Tables shaped like the paper's, from the runs' own directories.
 
 Each run directory holds `results.json`, written by `ran` at the end of `fit` and of `test` (see
-`ran.callbacks.ResultsWriter`). The report reads it for every run and seed of a suite under a budget (no
+`ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a budget (no
 network needed), and writes a markdown and a CSV table with the measured figure (mean and spread over
 seeds), the paper's figure beside it and the difference. A run without test results is shown as missing
 (never started) or unfinished (with the step it reached); it is never filled in.
