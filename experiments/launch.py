@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -119,6 +121,8 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
     threads = threads or max(1, cores // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     statuses: dict[str, int] = {}
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
 
     def one(job: Job) -> None:
         state = job.state()
@@ -136,19 +140,50 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
         with open(log_path, "a") as out:
             status = 0
             for args in (job.fit_args(resume=state == "resumable"), job.test_args()):
+                if stopping.is_set():
+                    status = 130
+                    break
                 log(f"[run ] {shell_line(args)}")
                 out.write(f"$ {shell_line(args)}\n")
                 out.flush()
-                status = subprocess.run([ran_executable(), *args], stdout=out, stderr=subprocess.STDOUT,
-                                        env=env).returncode
+                proc = subprocess.Popen([ran_executable(), *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+                running.add(proc)
+                status = proc.wait()
+                running.discard(proc)
                 if status:
                     break
         verb = "done" if status == 0 else f"fail (exit {status}; see {log_path})"
         log(f"[{'done' if status == 0 else 'fail'}] {job.name} in {time.time() - start:.0f} s: {verb}")
         statuses[job.name] = status
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(one, jobs))
+    def stop(signum=None, frame=None) -> None:
+        """Interrupted (Ctrl-C or SIGTERM): end the running `ran` processes too; each keeps its last checkpoint
+        and a later launch resumes it."""
+        stopping.set()
+        for proc in list(running):
+            proc.send_signal(signal.SIGINT)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, stop) if in_main else None
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        for _ in pool.map(one, jobs):
+            pass
+    except KeyboardInterrupt:
+        stopping.set()
+        for proc in list(running):
+            proc.send_signal(signal.SIGINT)
+        for proc in list(running):
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     return statuses
 
 

@@ -236,3 +236,31 @@ def test_budgets_are_overlays_of_known_keys():
         for budget in BUDGETS:
             cfg = yaml.safe_load((REPO / "experiments" / "budgets" / family / f"{budget}.yaml").read_text())
             assert set(cfg) <= {"model", "trainer", "data", "run"}, (family, budget)
+
+
+def test_interrupting_the_local_launcher_ends_its_runs(tmp_path, monkeypatch):
+    """SIGTERM to the launcher reaches the `ran` process it started, instead of leaving it running."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    script = tmp_path / "ran"
+    marker = tmp_path / "interrupted"
+    script.write_text(f"""#!{sys.executable}
+import signal, sys, time
+def bye(*_):
+    open({str(marker)!r}, "w").write("yes")
+    sys.exit(130)
+signal.signal(signal.SIGINT, bye)
+time.sleep(60)
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(script))
+    jobs = make_jobs(load_suite("mask_structure"), "smoke", [0], tmp_path / "runs")
+    threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    start = time.time()
+    with pytest.raises(KeyboardInterrupt):
+        run_local(jobs, log=lambda _: None)
+    assert time.time() - start < 30
+    assert marker.read_text() == "yes"
