@@ -156,6 +156,35 @@ def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes
     return block_times, module
 
 
+def measure_epoch(args: argparse.Namespace, device: torch.device, step_s: float) -> dict[str, Any]:
+    """One training epoch of the real CIFAR-10 (`--data-dir`) through the CIFAR datamodule and the Trainer,
+    timed from the first step's start to the last step's end, against `step_s` (the pure network step time
+    with a batch already on the device) times the number of steps."""
+    import pytorch_lightning as pl
+
+    from datamodules import CIFAR10DataModule
+    from ran.module import ImageClassifier
+
+    dm = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
+    dm.setup("fit")
+    steps = len(dm.train_dataloader())
+    module = ImageClassifier(arch=args.model, num_classes=10, milestones=(10 ** 9,), model_kwargs=args.model_kwargs,
+                             **{k: v for k, v in (("channels_last", args.channels_last), ("compile", args.compile))
+                                if v})
+    timer = _StepTimer(device)
+    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=args.precision, max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         callbacks=[timer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=dm)
+    epoch_s = timer.starts[-1] - timer.starts[0]
+    images = len(dm.train_dataset)
+    return {"epoch_s": epoch_s, "epoch_steps": steps, "epoch_images": images, "epoch_img_s": images / epoch_s,
+            "epoch_over_pure_steps": epoch_s / (steps * step_s)}
+
+
 def measure_data(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Images/s of the data pipeline alone: loading plus the augmentation a training step gets."""
     import pytorch_lightning as pl
@@ -217,6 +246,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-dir", help="with --data: the dataset's folder (CIFAR default: synthetic in memory)")
     p.add_argument("--data-images", type=int, default=20_000, help="with --data: images to time")
     p.add_argument("--workers", type=int, default=2, help="with --data imagenet: loader worker processes")
+    p.add_argument("--epoch", action="store_true",
+                   help="also train one whole epoch of the real CIFAR-10 in --data-dir through the datamodule and "
+                        "compare it with the pure network step time")
+    p.add_argument("--val-size", type=int, default=5000, help="with --epoch: images held out (the recipe's 5,000)")
     return p.parse_args(argv)
 
 
@@ -275,6 +308,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"mfu_infer_{key}"] = 2 * macs * result["infer_img_s"] / ref
     print(f"inference: {result['infer_img_s']:.1f} images/s; peak memory {peak:.0f} MB "
           f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    if args.epoch:
+        if not args.data_dir:
+            raise SystemExit("ran.bench: --epoch needs --data-dir (the folder holding cifar-10-batches-py)")
+        result.update(measure_epoch(args, device, statistics.median(blocks)))
+        print(f"epoch: {result['epoch_images']} images in {result['epoch_s']:.1f} s ({result['epoch_img_s']:.1f} "
+              f"images/s), {result['epoch_over_pure_steps']:.3f}x the pure network step time")
     print(json.dumps(result))
     return result
 

@@ -34,3 +34,15 @@ def test_bench_data_mode_measures_the_cifar_pipeline(capsys):
     result = main(["--data", "cifar10", "--batch-size", "256", "--data-images", "2048"])
     assert result["data_img_s"] > 0 and result["data_images"] >= 2048
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == "cifar10"
+
+
+def test_bench_epoch_mode_times_a_real_epoch(tmp_path, capsys):
+    import datagen
+
+    datagen.make_cifar10(tmp_path, n_train_per_batch=20, n_test=20)
+    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "16", "--warmup", "1",
+                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--epoch", "--data-dir",
+                   str(tmp_path), "--val-size", "20"])
+    assert result["epoch_images"] == 80 and result["epoch_steps"] == 5 and result["epoch_s"] > 0
+    assert result["epoch_over_pure_steps"] > 0
+    assert "epoch: " in capsys.readouterr().out
