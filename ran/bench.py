@@ -122,6 +122,21 @@ def _repeat_batch(batch: tuple[torch.Tensor, torch.Tensor], n: int) -> Iterator[
         yield batch
 
 
+def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[str, int], **fit_kwargs: Any):
+    """Fit `module` on one device with nothing but a step timer (no logger, checkpoint, progress bar or
+    validation); returns the timer, whose `starts` hold every step's start and the end of training."""
+    import pytorch_lightning as pl
+
+    timer = _StepTimer(device)
+    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], **limits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, **fit_kwargs)
+    return timer
+
+
 def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes: int, device: torch.device,
                      precision: str = "32", channels_last: bool = False, compile: bool = False,
                      model_kwargs: dict[str, Any] | None = None, warmup: int = 3, blocks: int = 5,
@@ -131,8 +146,6 @@ def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes
     The batch is made once on the device and fed again every step, so this is the network's step time
     with Lightning's own overhead, and no data loading. Returns the block times and the trained module.
     """
-    import pytorch_lightning as pl
-
     from ran.module import ImageClassifier
 
     options = {"channels_last": channels_last, "compile": compile}
@@ -142,14 +155,7 @@ def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     loader = torch.utils.data.DataLoader(list(_repeat_batch((x, y), steps)), batch_size=None)
-    timer = _StepTimer(device)
-    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, max_steps=steps,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[timer])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, train_dataloaders=loader)
+    timer = timed_fit(module, device, precision, {"max_steps": steps}, train_dataloaders=loader)
     step_times = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup:]
     block_times = [sum(step_times[i:i + steps_per_block]) / steps_per_block
                    for i in range(0, len(step_times) - steps_per_block + 1, steps_per_block)]
@@ -160,8 +166,6 @@ def measure_epoch(args: argparse.Namespace, device: torch.device, step_s: float)
     """One training epoch of the real CIFAR-10 (`--data-dir`) through the CIFAR datamodule and the Trainer,
     timed from the first step's start to the last step's end, against `step_s` (the pure network step time
     with a batch already on the device) times the number of steps."""
-    import pytorch_lightning as pl
-
     from datamodules import CIFAR10DataModule
     from ran.module import ImageClassifier
 
@@ -171,14 +175,7 @@ def measure_epoch(args: argparse.Namespace, device: torch.device, step_s: float)
     module = ImageClassifier(arch=args.model, num_classes=10, milestones=(10 ** 9,), model_kwargs=args.model_kwargs,
                              **{k: v for k, v in (("channels_last", args.channels_last), ("compile", args.compile))
                                 if v})
-    timer = _StepTimer(device)
-    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=args.precision, max_epochs=1,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                         callbacks=[timer])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=dm)
+    timer = timed_fit(module, device, args.precision, {"max_epochs": 1}, datamodule=dm)
     epoch_s = timer.starts[-1] - timer.starts[0]
     images = len(dm.train_dataset)
     return {"epoch_s": epoch_s, "epoch_steps": steps, "epoch_images": images, "epoch_img_s": images / epoch_s,
