@@ -78,5 +78,7 @@ class ResultsWriter(pl.Callback):
                                                   "ckpt_path": trainer.ckpt_path})
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn == "fit":
+        # A run that failed before it wrote anything (bad data path, say) leaves no directory behind, so that the
+        # corrected command is not refused as an existing run.
+        if trainer.state.fn == "fit" and self.run_dir.is_dir():
             self._fit(trainer, "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
