@@ -6,6 +6,7 @@
     python -m experiments run table3 --budget paper --launcher list > commands.txt
     python -m experiments report table3 --budget paper
     python -m experiments plan table3 --budget paper --measure
+    python -m experiments plan all --budget paper cpu-mini
     python -m experiments responses --model attention164_cifar --compare learning=arl,nal
     python -m experiments masks --ckpt runs/.../checkpoints/best.ckpt --data-dir data
 """
@@ -52,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     common(rep)
     rep.add_argument("--out", type=Path, help="where to write the .md and .csv (default: the suite's folder)")
 
-    plan = sub.add_parser("plan", help="runs, iterations and compute hours of a suite under a budget")
-    common(plan)
+    plan = sub.add_parser("plan", help="runs, iterations, training FLOPs and device-hours of a suite under budgets")
+    plan.add_argument("suite", help="a suite, an alias such as table3, or 'all' for one line per suite and budget")
+    plan.add_argument("--budget", nargs="+", default=["paper"], choices=BUDGETS)
+    plan.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per run (default: one)")
     plan.add_argument("--measure", action="store_true",
                       help="time each network's training step on this machine (ran.bench) and give the hours")
     plan.add_argument("--step-steps", type=int, default=6, help="with --measure: timed steps per network")
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list()
+        if args.command == "plan":
+            return _plan(args)
         suite = load_suite(args.suite)
         if args.command == "run":
             return _run(args, suite)
@@ -84,12 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             print(text)
             print(f"written: {md}, {csv_path}")
             return 0
-        from experiments.plan import plan
-        print(plan(suite, args.budget, seeds=args.seeds or [0], measure=args.measure, steps=args.step_steps))
-        return 0
+        raise AssertionError(args.command)
     except (SuiteError, RuntimeError, FileNotFoundError) as err:
         print(f"python -m experiments: error: {err}", file=sys.stderr)
         return 2
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from experiments.plan import plan, plan_all
+
+    seeds = args.seeds or [0]
+    if args.suite == "all":
+        print(plan_all(args.budget, seeds=len(seeds), measure=args.measure, steps=args.step_steps))
+        return 0
+    suite = load_suite(args.suite)
+    print("\n\n".join(plan(suite, budget, seeds=seeds, measure=args.measure, steps=args.step_steps)
+                       for budget in args.budget))
+    return 0
 
 
 def _list() -> int:

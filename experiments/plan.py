@@ -1,13 +1,59 @@
-"""What a suite costs under a budget: runs, iterations, images, and (with `--measure`) compute hours from
-training-step times measured on this machine with `ran.bench`."""
+"""What a suite costs under a budget: runs, iterations, images, training FLOPs and (with `--measure`) device-hours
+from training-step times measured on this machine's device with `ran.bench`."""
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from experiments.launch import make_jobs, resources
-from experiments.suites import Suite
+from experiments.suites import Suite, load_suite, suite_names
+
+
+DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
+
+
+@dataclass
+class RunCost:
+    """One run of a suite under a budget: its network, recipe and (once measured) its step time."""
+
+    run: str
+    arch: str
+    net_kwargs: dict[str, Any]
+    num_classes: int
+    image_size: int
+    batch: int              # per device
+    devices: int            # devices x nodes
+    iterations: int
+    seeds: int
+    precision: str
+    channels_last: bool
+    macs: int               # forward multiply-adds per image at image_size
+    step_s: float | None = field(default=None)  # one training step on one device
+
+    @property
+    def images(self) -> int:
+        """Training images over all seeds."""
+        return self.iterations * self.batch * self.devices * self.seeds
+
+    @property
+    def train_flop(self) -> float:
+        """Training FLOPs over all seeds: 3 x forward (forward, then backward at twice the forward), 2 FLOPs
+        per multiply-add."""
+        return 6.0 * self.macs * self.images
+
+    @property
+    def device_hours(self) -> float | None:
+        if self.step_s is None:
+            return None
+        return self.step_s * self.iterations * self.devices * self.seeds / 3600
+
+    @property
+    def measure_key(self) -> tuple:
+        return (self.arch, repr(sorted(self.net_kwargs.items())), self.num_classes, self.image_size, self.batch,
+                self.precision, self.channels_last)
 
 
 def merged_config(job) -> dict[str, Any]:
@@ -18,55 +64,129 @@ def merged_config(job) -> dict[str, Any]:
     return merge_configs(cfg, load_config(budget)) if budget.is_file() else cfg
 
 
-def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, steps: int = 6) -> str:
-    """A markdown table: per run, its network, iterations, global batch, devices and, with `measure`, the
-    measured step time on one device of this machine and the device-hours of all its seeds."""
-    import torch
-
-    from ran.bench import pick_device, train_step_times
+def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None) -> list[RunCost]:
+    """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
+    multiply-adds counted by torch's FlopCounterMode (`ran.summary.count_macs`)."""
     from ran.registry import create_model
+    from ran.summary import count_macs
 
-    device = pick_device("auto")
-    rows, total_hours, timings = [], 0.0, {}
-    header = ["run", "network", "iterations", "global batch", "devices", "seeds"]
-    if measure:
-        header += [f"step ms ({device.type}, per device)", "device-hours"]
-    for job in make_jobs(suite, budget, seeds[:1], job_root(), None):
+    macs_cache = {} if macs_cache is None else macs_cache
+    costs = []
+    for job in make_jobs(suite, budget, [0], Path("runs"), None):
         cfg = merged_config(job)
         model, data, trainer = cfg.get("model", {}), cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
         res = resources(job)
-        batch = int(data.get("batch_size", 64))
-        devices = res["devices"] * res["nodes"]
-        iterations = int(trainer.get("max_steps", 0))
-        row = [job.run.name, model.get("arch", "?"), f"{iterations:,}", str(batch * devices), str(devices),
-               str(len(seeds))]
-        if measure:
-            kwargs = {k: v for k, v in model.items() if k in ("attention", "learning", "mask") and v}
-            kwargs.update(model.get("model_kwargs") or {})
-            net = create_model(model["arch"], **kwargs)
-            size = int(data.get("image_size", net.default_input_size))
-            key = (model["arch"], repr(sorted(kwargs.items())), batch, size)
-            if key not in timings:
-                blocks, _ = train_step_times(model["arch"], batch_size=batch, input_size=size,
-                                             num_classes=net.num_classes, device=device,
-                                             model_kwargs=model.get("model_kwargs"), warmup=2, blocks=steps // 2,
-                                             steps_per_block=2,
-                                             precision=str(trainer.get("precision", "32")).replace("-true", ""))
-                timings[key] = statistics.median(blocks)
-            hours = timings[key] * iterations * devices * len(seeds) / 3600
-            total_hours += hours
-            row += [f"{1e3 * timings[key]:.0f}", f"{hours:,.1f}"]
-        rows.append(row)
-    lines = [f"{suite.name} under budget '{budget}': {len(rows)} runs x {len(seeds)} seed(s)", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+        net_kwargs = {k: model[k] for k in ("attention", "learning", "mask") if model.get(k)}
+        net_kwargs.update(model.get("model_kwargs") or {})
+        # The CLI links data.num_classes to the model; ImageNet's comes from its tree: the network's own 1000.
+        num_classes = DATA_CLASSES.get(str(cfg.get("data", {}).get("class_path", "")).rsplit(".", 1)[-1])
+        key = (model["arch"], repr(sorted(net_kwargs.items())), num_classes, data.get("image_size"))
+        if key not in macs_cache:
+            net = create_model(model["arch"], **net_kwargs, **({"num_classes": num_classes} if num_classes else {}))
+            size = int(data.get("image_size") or net.default_input_size)
+            macs_cache[key] = (size, net.num_classes, count_macs(net, size))
+        size, num_classes, macs = macs_cache[key]
+        costs.append(RunCost(
+            run=job.run.name, arch=model["arch"], net_kwargs=net_kwargs, num_classes=num_classes, image_size=size,
+            batch=int(data.get("batch_size", 64)), devices=res["devices"] * res["nodes"],
+            iterations=int(trainer.get("max_steps", 0)), seeds=seeds,
+            precision=str(trainer.get("precision", "32")).replace("-true", ""),
+            channels_last=bool(model.get("channels_last", False)), macs=macs))
+    return costs
+
+
+def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = None) -> None:
+    """Fill each run's `step_s`: the median training-step time of its network, recipe and per-device batch on
+    this machine's device, through the real module and Trainer (`ran.bench.train_step_times`, synthetic
+    batches, no data loading). Runs that share a network and recipe are measured once."""
+    from ran.bench import pick_device, train_step_times
+
+    device = pick_device("auto")
+    cache = {} if cache is None else cache
+    for cost in costs:
+        if cost.measure_key not in cache:
+            blocks, _ = train_step_times(cost.arch, batch_size=cost.batch, input_size=cost.image_size,
+                                         num_classes=cost.num_classes, device=device, model_kwargs=cost.net_kwargs,
+                                         precision=cost.precision, channels_last=cost.channels_last,
+                                         warmup=2, blocks=max(1, steps // 2), steps_per_block=2)
+            cache[cost.measure_key] = statistics.median(blocks)
+        cost.step_s = cache[cost.measure_key]
+
+
+def device_label() -> str:
+    import torch
+
+    from ran.bench import pick_device
+
+    device = pick_device("auto")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"this CPU, {torch.get_num_threads()} threads"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _pflop(flop: float) -> str:
+    p = flop / 1e15
+    return f"{p:,.0f}" if p >= 100 else f"{p:.1f}" if p >= 1 else f"{p:.2g}"
+
+
+def _hours(hours: float) -> str:
+    return f"{hours:,.0f}" if hours >= 100 else f"{hours:,.2f}" if hours < 1 else f"{hours:,.1f}"
+
+
+def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, steps: int = 6) -> str:
+    """A markdown table: per run, its network, iterations, global batch, devices, images, training PFLOP
+    and, with `measure`, the step time on one device of this machine and the device-hours of all its seeds."""
+    costs = run_costs(suite, budget, seeds=len(seeds))
     if measure:
-        lines += ["", f"total: {total_hours:,.1f} device-hours ({device.type}: "
-                      f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'this CPU'}; "
-                      "step times measured here with synthetic batches, data loading excluded)"]
+        measure_steps(costs, steps)
+    header = ["run", "network", "iterations", "global batch", "devices", "seeds", "images", "train PFLOP"]
+    if measure:
+        header += ["step ms (one device)", "device-hours"]
+    rows = []
+    for c in costs:
+        row = [c.run, c.arch, f"{c.iterations:,}", str(c.batch * c.devices), str(c.devices), str(c.seeds),
+               f"{c.images:,}", _pflop(c.train_flop)]
+        if measure:
+            row += [f"{1e3 * c.step_s:,.0f}", _hours(c.device_hours)]
+        rows.append(row)
+    lines = [f"{suite.name} under budget '{budget}': {len(costs)} runs x {len(seeds)} seed(s)", "", *_table(header, rows)]
+    total = f"total: {_pflop(sum(c.train_flop for c in costs))} PFLOP of training"
+    if measure:
+        total += (f", {_hours(sum(c.device_hours for c in costs))} device-hours ({device_label()}; step times "
+                  "measured with synthetic batches, data loading and validation excluded)")
+    return "\n".join(lines + ["", total])
+
+
+def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: int = 6,
+             suites: list[str] | None = None) -> str:
+    """One markdown table over every suite and budget: runs, iterations per run, images, training PFLOP
+    and, with `measure`, device-hours on this machine (each network and recipe measured once)."""
+    macs_cache: dict = {}
+    step_cache: dict = {}
+    header = ["suite", "budget", "runs", "iterations per run", "images", "train PFLOP"]
+    if measure:
+        header += ["device-hours"]
+    rows = []
+    for name in suites or suite_names():
+        suite = load_suite(name)
+        for budget in budgets:
+            costs = run_costs(suite, budget, seeds=seeds, macs_cache=macs_cache)
+            iterations = sorted({c.iterations for c in costs})
+            row = [name + (f" ({', '.join(suite.aliases)})" if suite.aliases else ""), budget,
+                   f"{len(costs)} x {seeds}" if seeds > 1 else str(len(costs)),
+                   " / ".join(f"{i:,}" for i in iterations), f"{sum(c.images for c in costs):,}",
+                   _pflop(sum(c.train_flop for c in costs))]
+            if measure:
+                measure_steps(costs, steps, step_cache)
+                row.append(_hours(sum(c.device_hours for c in costs)))
+            rows.append(row)
+    lines = _table(header, rows)
+    if measure:
+        lines += ["", f"device-hours on {device_label()}: each network's training step measured with its budget's "
+                      "per-device batch, precision and memory format, synthetic batches; data loading and "
+                      "validation excluded"]
     return "\n".join(lines)
-
-
-def job_root():
-    from pathlib import Path
-    return Path("runs")

@@ -122,7 +122,8 @@ def _repeat_batch(batch: tuple[torch.Tensor, torch.Tensor], n: int) -> Iterator[
         yield batch
 
 
-def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[str, int], **fit_kwargs: Any):
+def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[str, int], callbacks: tuple = (),
+              **fit_kwargs: Any):
     """Fit `module` on one device with nothing but a step timer (no logger, checkpoint, progress bar or
     validation); returns the timer, whose `starts` hold every step's start and the end of training."""
     import pytorch_lightning as pl
@@ -130,7 +131,7 @@ def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[st
     timer = _StepTimer(device)
     trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer], **limits)
+                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer, *callbacks], **limits)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, **fit_kwargs)
@@ -140,7 +141,7 @@ def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[st
 def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes: int, device: torch.device,
                      precision: str = "32", channels_last: bool = False, compile: bool = False,
                      model_kwargs: dict[str, Any] | None = None, warmup: int = 3, blocks: int = 5,
-                     steps_per_block: int = 3) -> tuple[list[float], Any]:
+                     steps_per_block: int = 3, callbacks: tuple = ()) -> tuple[list[float], Any]:
     """Seconds per training step, per timed block, of the real LightningModule under a real Trainer.
 
     The batch is made once on the device and fed again every step, so this is the network's step time
@@ -155,11 +156,43 @@ def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     loader = torch.utils.data.DataLoader(list(_repeat_batch((x, y), steps)), batch_size=None)
-    timer = timed_fit(module, device, precision, {"max_steps": steps}, train_dataloaders=loader)
+    timer = timed_fit(module, device, precision, {"max_steps": steps}, callbacks, train_dataloaders=loader)
     step_times = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup:]
     block_times = [sum(step_times[i:i + steps_per_block]) / steps_per_block
                    for i in range(0, len(step_times) - steps_per_block + 1, steps_per_block)]
     return block_times, module
+
+
+def profile_training(args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int,
+                     steps: int = 3) -> tuple[str, list[dict[str, Any]]]:
+    """torch.profiler over `steps` training steps of the real module (after warm-up): the table of the top
+    `args.profile` operators by self time, and the same rows as dicts (op, self ms per step, share)."""
+    import pytorch_lightning as pl
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.type == "cuda"
+    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                   schedule=schedule(wait=args.warmup, warmup=1, active=steps))
+
+    class ProfilerStep(pl.Callback):
+        def on_train_batch_end(self, *_: Any) -> None:
+            prof.step()
+
+    with prof:
+        train_step_times(args.model, batch_size=args.batch_size, input_size=input_size, num_classes=num_classes,
+                         device=device, precision=args.precision, channels_last=args.channels_last,
+                         compile=args.compile, model_kwargs=args.model_kwargs, warmup=args.warmup + 1, blocks=1,
+                         steps_per_block=steps, callbacks=(ProfilerStep(),))
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    rows = [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
+             "calls_per_step": e.count / steps} for e in events[:args.profile]]
+    lines = [f"top {args.profile} operators by self {'device' if cuda else 'CPU'} time, per training step:",
+             f"{'operator':48s} {'ms':>9s} {'share':>7s} {'calls':>7s}"]
+    lines += [f"{r['op'][:48]:48s} {r['self_ms_per_step']:9.2f} {100 * r['share']:6.1f}% {r['calls_per_step']:7.0f}"
+              for r in rows]
+    return "\n".join(lines), rows
 
 
 def measure_epoch(args: argparse.Namespace, device: torch.device, step_s: float) -> dict[str, Any]:
@@ -247,6 +280,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also train one whole epoch of the real CIFAR-10 in --data-dir through the datamodule and "
                         "compare it with the pure network step time")
     p.add_argument("--val-size", type=int, default=5000, help="with --epoch: images held out (the recipe's 5,000)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile three training steps with torch.profiler and print the top N operators")
     return p.parse_args(argv)
 
 
@@ -305,6 +340,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"mfu_infer_{key}"] = 2 * macs * result["infer_img_s"] / ref
     print(f"inference: {result['infer_img_s']:.1f} images/s; peak memory {peak:.0f} MB "
           f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    if args.profile:
+        table, rows = profile_training(args, device, size, net.num_classes)
+        result["profile"] = [{**r, "self_ms_per_step": round(r["self_ms_per_step"], 3), "share": round(r["share"], 4)}
+                             for r in rows]
+        print(table)
     if args.epoch:
         if not args.data_dir:
             raise SystemExit("ran.bench: --epoch needs --data-dir (the folder holding cifar-10-batches-py)")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from ran.bench import main
+from ran.registry import create_model
 
 TINY = '{"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}'
 KEYS = {"train_img_s", "infer_img_s", "fwd_macs", "gemm_fp32_gflops", "gemm_bf16_gflops", "mfu_train_fp32",
@@ -46,3 +49,20 @@ def test_bench_epoch_mode_times_a_real_epoch(tmp_path, capsys):
     assert result["epoch_images"] == 80 and result["epoch_steps"] == 5 and result["epoch_s"] > 0
     assert result["epoch_over_pure_steps"] > 0
     assert "epoch: " in capsys.readouterr().out
+
+
+def test_bench_profile_lists_the_top_operators(capsys):
+    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
+                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--profile", "8"])
+    rows = result["profile"]
+    assert len(rows) == 8
+    ops = [r["op"] for r in rows]
+    assert "aten::convolution_backward" in ops or "aten::mkldnn_convolution" in ops
+    assert [r["self_ms_per_step"] for r in rows] == sorted((r["self_ms_per_step"] for r in rows), reverse=True)
+    assert all(0 < r["share"] <= 1 for r in rows) and sum(r["share"] for r in rows) <= 1 + 1e-6
+    # Three profiled steps: every convolution of the network runs once per step.
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in create_model("attention56_cifar", **json.loads(TINY)).modules())
+    conv = next(r for r in rows if r["op"] in ("aten::convolution_backward", "aten::mkldnn_convolution"))
+    assert conv["calls_per_step"] == convs
+    out = capsys.readouterr().out
+    assert "top 8 operators by self CPU time, per training step:" in out
