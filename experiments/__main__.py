@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--measure", action="store_true",
                       help="time each network's training step on this machine (ran.bench) and give the hours")
     plan.add_argument("--step-steps", type=int, default=6, help="with --measure: timed steps per network")
+    plan.epilog = ("Arguments after `--` are the `ran` overrides the runs will get (e.g. -- --trainer.precision "
+                   "bf16-mixed --model.channels_last true): the plan counts and measures with them.")
 
     for name in ("responses", "masks"):
         sub.add_parser(name, help=f"the paper's analyses: see `python -m experiments {name} --help`",
@@ -100,11 +102,12 @@ def _plan(args: argparse.Namespace) -> int:
 
     seeds = args.seeds or [0]
     if args.suite == "all":
-        print(plan_all(args.budget, seeds=len(seeds), measure=args.measure, steps=args.step_steps))
+        print(plan_all(args.budget, seeds=len(seeds), measure=args.measure, steps=args.step_steps,
+                       extra=args.overrides))
         return 0
     suite = load_suite(args.suite)
-    print("\n\n".join(plan(suite, budget, seeds=seeds, measure=args.measure, steps=args.step_steps)
-                       for budget in args.budget))
+    print("\n\n".join(plan(suite, budget, seeds=seeds, measure=args.measure, steps=args.step_steps,
+                            extra=args.overrides) for budget in args.budget))
     return 0
 
 

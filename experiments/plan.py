@@ -4,12 +4,13 @@ from training-step times measured on this machine's device with `ran.bench`."""
 from __future__ import annotations
 
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import make_jobs, resources
-from experiments.suites import Suite, load_suite, suite_names
+from experiments.launch import make_jobs
+from experiments.suites import Suite, SuiteError, load_suite, suite_names
 
 
 DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
@@ -56,15 +57,46 @@ class RunCost:
                 self.precision, self.channels_last)
 
 
+def overrides_config(args: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`ran` command-line overrides (`--trainer.precision bf16-mixed`, `--model.channels_last=true`,
+    `--data.batch_size 128`) as a nested config to merge onto a run's, so that a plan measures what the runs
+    launched with the same overrides will run."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    items = list(args)
+    while items:
+        token = items.pop(0)
+        if not token.startswith("--"):
+            raise SuiteError(f"cannot read the override {token!r}: give `--key value` or `--key=value` pairs")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if not items or items[0].startswith("--"):
+                raise SuiteError(f"the override --{key} has no value: give `--{key} VALUE`")
+            value = items.pop(0)
+        path = key.split(".")
+        if path[0] == "data" and len(path) > 1 and path[1] not in ("init_args", "class_path"):
+            path.insert(1, "init_args")
+        node = config
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
+    return config
+
+
 def merged_config(job) -> dict[str, Any]:
+    """The run's config, its budget's overlay, then the job's command-line overrides."""
     from ran.cli import load_config, merge_configs
 
     cfg = load_config(job.run.config)
     budget = job.suite.budget_config(job.budget)
-    return merge_configs(cfg, load_config(budget)) if budget.is_file() else cfg
+    if budget.is_file():
+        cfg = merge_configs(cfg, load_config(budget))
+    return merge_configs(cfg, overrides_config(job.extra)) if job.extra else cfg
 
 
-def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None) -> list[RunCost]:
+def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None,
+              extra: list[str] | None = None) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
     multiply-adds counted by torch's FlopCounterMode (`ran.summary.count_macs`)."""
     from ran.registry import create_model
@@ -72,10 +104,11 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
 
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
-    for job in make_jobs(suite, budget, [0], Path("runs"), None):
+    for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
         cfg = merged_config(job)
         model, data, trainer = cfg.get("model", {}), cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
-        res = resources(job)
+        devices = trainer.get("devices", 1)
+        devices = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1))
         net_kwargs = {k: model[k] for k in ("attention", "learning", "mask") if model.get(k)}
         net_kwargs.update(model.get("model_kwargs") or {})
         # The CLI links data.num_classes to the model; ImageNet's comes from its tree: the network's own 1000.
@@ -88,7 +121,7 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
         size, num_classes, macs = macs_cache[key]
         costs.append(RunCost(
             run=job.run.name, arch=model["arch"], net_kwargs=net_kwargs, num_classes=num_classes, image_size=size,
-            batch=int(data.get("batch_size", 64)), devices=res["devices"] * res["nodes"],
+            batch=int(data.get("batch_size", 64)), devices=devices,
             iterations=int(trainer.get("max_steps", 0)), seeds=seeds,
             precision=str(trainer.get("precision", "32")).replace("-true", ""),
             channels_last=bool(model.get("channels_last", False)), macs=macs))
@@ -110,6 +143,9 @@ def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = Non
                                          precision=cost.precision, channels_last=cost.channels_last,
                                          warmup=2, blocks=max(1, steps // 2), steps_per_block=2)
             cache[cost.measure_key] = statistics.median(blocks)
+            print(f"measured {cost.run} ({cost.arch}, batch {cost.batch}, {cost.image_size}px, {cost.precision}"
+                  f"{', channels_last' if cost.channels_last else ''}): {1e3 * cache[cost.measure_key]:,.0f} ms/step",
+                  file=sys.stderr, flush=True)
         cost.step_s = cache[cost.measure_key]
 
 
@@ -137,10 +173,11 @@ def _hours(hours: float) -> str:
     return f"{hours:,.0f}" if hours >= 100 else f"{hours:,.2f}" if hours < 1 else f"{hours:,.1f}"
 
 
-def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, steps: int = 6) -> str:
+def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, steps: int = 6,
+         extra: list[str] | None = None) -> str:
     """A markdown table: per run, its network, iterations, global batch, devices, images, training PFLOP
     and, with `measure`, the step time on one device of this machine and the device-hours of all its seeds."""
-    costs = run_costs(suite, budget, seeds=len(seeds))
+    costs = run_costs(suite, budget, seeds=len(seeds), extra=extra)
     if measure:
         measure_steps(costs, steps)
     header = ["run", "network", "iterations", "global batch", "devices", "seeds", "images", "train PFLOP"]
@@ -162,7 +199,7 @@ def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, ste
 
 
 def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: int = 6,
-             suites: list[str] | None = None) -> str:
+             suites: list[str] | None = None, extra: list[str] | None = None) -> str:
     """One markdown table over every suite and budget: runs, iterations per run, images, training PFLOP
     and, with `measure`, device-hours on this machine (each network and recipe measured once)."""
     macs_cache: dict = {}
@@ -174,7 +211,7 @@ def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: i
     for name in suites or suite_names():
         suite = load_suite(name)
         for budget in budgets:
-            costs = run_costs(suite, budget, seeds=seeds, macs_cache=macs_cache)
+            costs = run_costs(suite, budget, seeds=seeds, macs_cache=macs_cache, extra=extra)
             iterations = sorted({c.iterations for c in costs})
             row = [name + (f" ({', '.join(suite.aliases)})" if suite.aliases else ""), budget,
                    f"{len(costs)} x {seeds}" if seeds > 1 else str(len(costs)),

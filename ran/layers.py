@@ -45,11 +45,13 @@ class PreActBottleneck(nn.Module):
                          if stride != 1 or in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.relu(self.bn1(x))
+        # In-place ReLUs on the BN outputs: BN's backward needs its input, not its output, so nothing saved
+        # for backward is overwritten, and each unit allocates and writes three tensors fewer.
+        a = F.relu(self.bn1(x), inplace=True)
         shortcut = x if self.shortcut is None else self.shortcut(a)
         out = self.conv1(a)
-        out = self.conv2(F.relu(self.bn2(out)))
-        out = self.conv3(F.relu(self.bn3(out)))
+        out = self.conv2(F.relu(self.bn2(out), inplace=True))
+        out = self.conv3(F.relu(self.bn3(out), inplace=True))
         return out + shortcut
 
 

@@ -25,6 +25,10 @@ def test_bench_reports_every_figure_as_json_on_the_last_line(capsys):
     expected_mfu = 3 * 2 * result["fwd_macs"] * result["train_img_s"] / (result["gemm_fp32_gflops"] * 1e9)
     assert abs(result["mfu_train_fp32"] - expected_mfu) < 1e-9
     assert any(line.startswith("train: ") for line in out) and any(line.startswith("GEMM ") for line in out)
+    # MFU is taken against the faster of torch.mm and oneDNN's GEMM (the convolutions' library on a CPU).
+    for key in ("fp32", "bf16"):
+        by_library = (result[f"gemm_{key}_mm_gflops"], result[f"gemm_{key}_onednn_gflops"])
+        assert result[f"gemm_{key}_gflops"] == max(by_library) and min(by_library) > 0
 
 
 def test_bench_bf16_uses_the_bf16_gemm(capsys):

@@ -93,3 +93,36 @@ def test_plan_cli_all_suites_and_several_budgets(fake_macs, capsys):
 def test_plan_of_an_unknown_suite_exits_nonzero(capsys):
     assert experiments_main(["plan", "table99"]) == 2
     assert "table99" in capsys.readouterr().err
+
+
+def test_overrides_after_the_double_dash_change_what_is_planned(fake_macs):
+    costs = run_costs(load_suite("table4"), "paper", extra=["--trainer.precision", "bf16-mixed",
+                                                            "--model.channels_last=true", "--data.batch_size", "128",
+                                                            "--trainer.devices", "2"])
+    for c in costs:
+        assert (c.precision, c.channels_last, c.batch, c.devices) == ("bf16-mixed", True, 128, 2)
+        assert c.images == 160_000 * 256
+
+
+def test_unreadable_overrides_name_the_fix(capsys):
+    assert experiments_main(["plan", "table4", "--", "--trainer.precision"]) == 2
+    assert "the override --trainer.precision has no value: give `--trainer.precision VALUE`" in capsys.readouterr().err
+    assert experiments_main(["plan", "table4", "--", "bf16"]) == 2
+    assert "cannot read the override 'bf16'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_readme_cost_table_is_what_plan_all_computes():
+    from pathlib import Path
+
+    from experiments.plan import plan_all
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- costs:start -->")[1].split("<!-- costs:end -->")[0].strip().splitlines()
+    computed = plan_all(["paper", "cpu-mini"]).splitlines()
+
+    def first_six(line: str) -> list[str]:
+        return [cell.strip() for cell in line.strip("|").split("|")][:6]
+
+    assert [first_six(line) for line in table] == [first_six(line) for line in computed]
+    assert all(len(line.strip("|").split("|")) == 7 for line in table)  # and the measured column is there
