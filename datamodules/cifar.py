@@ -21,6 +21,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
 from .errors import DatasetIntegrityError, DatasetLayoutError, DatasetNotFoundError, DatasetSizeWarning
+from .loaders import split_loader
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -185,7 +186,9 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         split_sizes: ``{"train": ..., "val": ..., "test": ...}`` for the splits set up so far.
     """
 
-    # Constants set by each dataset subclass.
+    # Constants set by each dataset subclass: `source`, torchvision's dataset class, gives the on-disk layout,
+    # file names, official checksums and download URL (see __init_subclass__); the rest are stated.
+    source: ClassVar[type]
     dataset_name: ClassVar[str]
     base_folder: ClassVar[str]
     train_files: ClassVar[tuple[tuple[str, str], ...]]  # (file name, official md5)
@@ -201,6 +204,17 @@ class CIFARDataModuleBase(pl.LightningDataModule):
     std: ClassVar[tuple[float, float, float]]
     official_train_size: ClassVar[int] = 50_000
     official_test_size: ClassVar[int] = 10_000
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        source = cls.__dict__.get("source")
+        if source is not None:
+            cls.base_folder = source.base_folder
+            cls.train_files = tuple((name, md5) for name, md5 in source.train_list)
+            cls.test_files = tuple((name, md5) for name, md5 in source.test_list)
+            cls.meta_file = (source.meta["filename"], source.meta["md5"])
+            cls.meta_key = source.meta["key"]
+            cls.url, cls.archive_filename, cls.archive_md5 = source.url, source.filename, source.tgz_md5
 
     def __init__(
         self,
@@ -457,17 +471,9 @@ class CIFARDataModuleBase(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: InMemoryImageDataset | None, split: str, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}: the {split} split is not set up; call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=passthrough_collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return split_loader(dataset, type(self).__name__, split, batch_size=self.batch_size, shuffle=shuffle,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=True,
+                            collate_fn=passthrough_collate)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled uint8 training batches ``(images, labels)``, augmented in ``on_after_batch_transfer``."""
@@ -533,15 +539,8 @@ class CIFAR10DataModule(CIFARDataModuleBase):
     )
 
     dataset_name = "CIFAR-10"
-    base_folder = CIFAR10.base_folder
-    train_files = tuple((name, md5) for name, md5 in CIFAR10.train_list)
-    test_files = tuple((name, md5) for name, md5 in CIFAR10.test_list)
-    meta_file = (CIFAR10.meta["filename"], CIFAR10.meta["md5"])
-    meta_key = CIFAR10.meta["key"]
+    source = CIFAR10
     label_key = "labels"
-    url = CIFAR10.url
-    archive_filename = CIFAR10.filename
-    archive_md5 = CIFAR10.tgz_md5
     NUM_CLASSES = 10
     mean = CIFAR10_MEAN
     std = CIFAR10_STD
@@ -554,15 +553,8 @@ class CIFAR100DataModule(CIFARDataModuleBase):
     )
 
     dataset_name = "CIFAR-100"
-    base_folder = CIFAR100.base_folder
-    train_files = tuple((name, md5) for name, md5 in CIFAR100.train_list)
-    test_files = tuple((name, md5) for name, md5 in CIFAR100.test_list)
-    meta_file = (CIFAR100.meta["filename"], CIFAR100.meta["md5"])
-    meta_key = CIFAR100.meta["key"]
+    source = CIFAR100
     label_key = "fine_labels"
-    url = CIFAR100.url
-    archive_filename = CIFAR100.filename
-    archive_md5 = CIFAR100.tgz_md5
     NUM_CLASSES = 100
     mean = CIFAR100_MEAN
     std = CIFAR100_STD

@@ -27,6 +27,7 @@ from torchvision.transforms import v2
 
 from .cifar import derived_generator
 from .errors import CorruptImageError, CorruptImageWarning, DatasetLayoutError, DatasetNotFoundError
+from .loaders import split_loader
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -321,16 +322,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                 self.val_dataset = self.test_dataset
 
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"ImageNetDataModule: the {split} split is not set up; call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-        )
+        return split_loader(dataset, "ImageNetDataModule", split, batch_size=self.batch_size, shuffle=shuffle,
+                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            persistent_workers=self.persistent_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training batches of float ``(B, 3, image_size, image_size)`` tensors."""

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
+from ran.allocator import keep_freed_memory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()  # plan --measure and the analyses train and run networks in this process
     if argv and argv[0] in ("responses", "masks"):
         from experiments.analysis import main as analysis_main
         return analysis_main(argv)

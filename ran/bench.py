@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from ran.allocator import keep_freed_memory
 from ran.registry import create_model, list_models
 from ran.summary import count_macs
 
@@ -303,6 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -43,6 +43,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from datamodules.errors import CorruptImageError, DatasetLayoutError
+from ran.allocator import keep_freed_memory
 from ran.callbacks import PredictionWriter, RNGStateCallback, StepProgressBar, ValidateAtMaxSteps
 from ran.module import ImageClassifier
 from ran.registry import list_models
@@ -374,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     run it as a command (`ran fit ...`, torchrun or srun).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    keep_freed_memory()
     if argv and argv[0] == "summary":
         from ran.summary import summary_main
         return summary_main(argv[1:])

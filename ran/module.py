@@ -181,20 +181,21 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        """Update `split`'s loss and top-1/top-5 metrics with one batch; returns the logits."""
         x, y = batch
         logits = self(x)
-        self.val_loss.update(self.criterion(logits, y), weight=y.numel())
-        self.val_acc1.update(logits, y)
-        self.val_acc5.update(logits, y)
+        getattr(self, f"{split}_loss").update(self.criterion(logits, y), weight=y.numel())
+        getattr(self, f"{split}_acc1").update(logits, y)
+        getattr(self, f"{split}_acc5").update(logits, y)
+        return logits
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
-        logits = self(x)
-        self.test_loss.update(self.criterion(logits, y), weight=y.numel())
-        self.test_acc1.update(logits, y)
-        self.test_acc5.update(logits, y)
-        self.test_acc1_per_class.update(logits, y)
+        logits = self._eval_step(batch, "test")
+        self.test_acc1_per_class.update(logits, batch[1])
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Class probabilities (B, num_classes) for a batch of images (or of (images, labels))."""
