@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (activations of a CIFAR batch are 4-16 MB) wi
 returns the top of its heap to the kernel once more than twice the dynamic mmap threshold is free. Every
 training step then allocates its activations again and touches them for the first time: one page fault
 per 4 KiB. Measured with `attention92_cifar` at batch 64 on 2 CPU cores, a fresh 16 MB output costs a 1x1
-convolution 3 ms on top of its 0.4 ms of arithmetic, and the whole step is 13-15% faster with the settings
+convolution 3 ms on top of its 0.4 ms of arithmetic, and the whole step is 7-15% faster with the settings
 below (the README's performance section). This is what launchers such as `torch.backends.xeon.run_cpu`
 achieve by preloading tcmalloc or jemalloc; here it needs no library and no relaunch.
 
