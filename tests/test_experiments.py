@@ -159,7 +159,8 @@ results.write_text(json.dumps(data))
 
 
 def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(_fake_ran(tmp_path)))
+    fake = str(_fake_ran(tmp_path))  # written once: rewriting it while a parallel run executes it fails
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: fake)
     suite = load_suite("mask_structure")
     jobs = make_jobs(suite, "smoke", [0, 1], tmp_path / "runs")
     assert run_local(jobs, parallel=2, log=lambda _: None) == {j.name: 0 for j in jobs}
