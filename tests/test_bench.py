@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from ran.bench import main
@@ -51,7 +52,8 @@ def test_bench_epoch_mode_times_a_real_epoch(tmp_path, capsys):
                    "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--epoch", "--data-dir",
                    str(tmp_path), "--val-size", "20"])
     assert result["epoch_images"] == 80 and result["epoch_steps"] == 5 and result["epoch_s"] > 0
-    assert result["epoch_over_pure_steps"] > 0
+    assert result["epoch_over_pure_steps"] == pytest.approx(result["epoch_s"] / (5 * result["epoch_pure_step_ms"] / 1e3))
+    assert result["epoch_pure_step_ms"] <= result["train_step_ms"]  # the faster of before and after the epoch
     assert "epoch: " in capsys.readouterr().out
 
 
