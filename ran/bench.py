@@ -196,10 +196,8 @@ def profile_training(args: argparse.Namespace, device: torch.device, input_size:
             prof.step()
 
     with prof:
-        train_step_times(args.model, batch_size=args.batch_size, input_size=input_size, num_classes=num_classes,
-                         device=device, precision=args.precision, channels_last=args.channels_last,
-                         compile=args.compile, model_kwargs=args.model_kwargs, warmup=args.warmup + 1, blocks=1,
-                         steps_per_block=steps, callbacks=(ProfilerStep(),))
+        bench_steps(args, device, input_size, num_classes, warmup=args.warmup + 1, blocks=1, steps_per_block=steps,
+                    callbacks=(ProfilerStep(),))
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
@@ -210,6 +208,16 @@ def profile_training(args: argparse.Namespace, device: torch.device, input_size:
     lines += [f"{r['op'][:48]:48s} {r['self_ms_per_step']:9.2f} {100 * r['share']:6.1f}% {r['calls_per_step']:7.0f}"
               for r in rows]
     return "\n".join(lines), rows
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int,
+                **override: Any) -> tuple[list[float], Any]:
+    """`train_step_times` with the benchmark's command-line settings (`override` replaces any of them)."""
+    settings = dict(batch_size=args.batch_size, input_size=input_size, num_classes=num_classes, device=device,
+                    precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+                    model_kwargs=args.model_kwargs, warmup=args.warmup, blocks=args.blocks,
+                    steps_per_block=args.steps_per_block)
+    return train_step_times(args.model, **{**settings, **override})
 
 
 def measure_epoch(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -332,11 +340,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"GEMM {args.gemm_size}^3 {key}: {gemm[key] / 1e9:.1f} GFLOP/s ("
               + ", ".join(f"{lib} {v / 1e9:.1f}" for lib, v in by_library.items()) + ")")
 
-    blocks, module = train_step_times(args.model, batch_size=args.batch_size, input_size=size,
-                                      num_classes=net.num_classes, device=device, precision=args.precision,
-                                      channels_last=args.channels_last, compile=args.compile,
-                                      model_kwargs=args.model_kwargs, warmup=args.warmup,
-                                      blocks=args.blocks, steps_per_block=args.steps_per_block)
+    blocks, module = bench_steps(args, device, size, net.num_classes)
     train_img_s = args.batch_size / statistics.median(blocks)
     peak = peak_memory_mb(device)
     key = "bf16" if args.precision == "bf16-mixed" else "fp32" if args.precision == "32" else "fp16"
@@ -372,11 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result.update(measure_epoch(args, device))
         # The pure step is timed again after the epoch and the faster of the two is the reference: a process's
         # step time drifts by up to 10% between phases, and the faster one gives the stricter ratio.
-        again, _ = train_step_times(args.model, batch_size=args.batch_size, input_size=size,
-                                    num_classes=net.num_classes, device=device, precision=args.precision,
-                                    channels_last=args.channels_last, compile=args.compile,
-                                    model_kwargs=args.model_kwargs, warmup=args.warmup, blocks=args.blocks,
-                                    steps_per_block=args.steps_per_block)
+        again, _ = bench_steps(args, device, size, net.num_classes)
         step_s = min(statistics.median(blocks), statistics.median(again))
         result["epoch_pure_step_ms"] = 1e3 * step_s
         result["epoch_over_pure_steps"] = result["epoch_s"] / (result["epoch_steps"] * step_s)

@@ -242,7 +242,6 @@ def test_budgets_are_overlays_of_known_keys():
 def test_interrupting_the_local_launcher_ends_its_runs(tmp_path, monkeypatch):
     """SIGTERM to the launcher reaches the `ran` process it started, instead of leaving it running."""
     import signal
-    import subprocess
     import threading
     import time
 
