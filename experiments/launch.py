@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.suites import Run, Suite
+from experiments.suites import Run, Suite, SuiteError
 from ran.results import RESULTS_FILE
 
 
@@ -199,15 +199,47 @@ class SlurmOptions:
     setup: str = ""  # shell lines run before the job (module load, source venv, ...)
 
 
-def resources(job: Job) -> dict[str, Any]:
-    """Devices, nodes and accelerator of a job, from its merged config (run config, then budget)."""
+def overrides_config(args: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`ran` command-line overrides (`--trainer.precision bf16-mixed`, `--model.channels_last=true`,
+    `--data.batch_size 128`) as a nested config to merge onto a run's, so that a SLURM script asks for the
+    devices and a plan measures the recipe that the runs launched with the same overrides will have."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    items = list(args)
+    while items:
+        token = items.pop(0)
+        if not token.startswith("--"):
+            raise SuiteError(f"cannot read the override {token!r}: give `--key value` or `--key=value` pairs")
+        key, sep, value = token[2:].partition("=")
+        if not sep:
+            if not items or items[0].startswith("--"):
+                raise SuiteError(f"the override --{key} has no value: give `--{key} VALUE`")
+            value = items.pop(0)
+        path = key.split(".")
+        if path[0] == "data" and len(path) > 1 and path[1] not in ("init_args", "class_path"):
+            path.insert(1, "init_args")
+        node = config
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
+    return config
+
+
+def job_config(job: Job) -> dict[str, Any]:
+    """The run's config, its budget's overlay, then the job's command-line overrides."""
     from ran.cli import load_config, merge_configs
 
     cfg = load_config(job.run.config)
     budget = job.suite.budget_config(job.budget)
     if budget.is_file():
         cfg = merge_configs(cfg, load_config(budget))
-    trainer = cfg.get("trainer", {})
+    return merge_configs(cfg, overrides_config(job.extra)) if job.extra else cfg
+
+
+def resources(job: Job) -> dict[str, Any]:
+    """Devices, nodes and accelerator of a job, from its merged config (run config, budget, overrides)."""
+    trainer = job_config(job).get("trainer", {})
     devices = trainer.get("devices", 1)
     return {"devices": devices if isinstance(devices, int) else 1, "nodes": int(trainer.get("num_nodes", 1)),
             "accelerator": trainer.get("accelerator", "auto")}

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import make_jobs
-from experiments.suites import Suite, SuiteError, load_suite, suite_names
+from experiments.launch import job_config, make_jobs, resources
+from experiments.suites import Suite, load_suite, suite_names
 
 
 DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
@@ -57,44 +57,6 @@ class RunCost:
                 self.precision, self.channels_last)
 
 
-def overrides_config(args: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`ran` command-line overrides (`--trainer.precision bf16-mixed`, `--model.channels_last=true`,
-    `--data.batch_size 128`) as a nested config to merge onto a run's, so that a plan measures what the runs
-    launched with the same overrides will run."""
-    import yaml
-
-    config: dict[str, Any] = {}
-    items = list(args)
-    while items:
-        token = items.pop(0)
-        if not token.startswith("--"):
-            raise SuiteError(f"cannot read the override {token!r}: give `--key value` or `--key=value` pairs")
-        key, sep, value = token[2:].partition("=")
-        if not sep:
-            if not items or items[0].startswith("--"):
-                raise SuiteError(f"the override --{key} has no value: give `--{key} VALUE`")
-            value = items.pop(0)
-        path = key.split(".")
-        if path[0] == "data" and len(path) > 1 and path[1] not in ("init_args", "class_path"):
-            path.insert(1, "init_args")
-        node = config
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value)
-    return config
-
-
-def merged_config(job) -> dict[str, Any]:
-    """The run's config, its budget's overlay, then the job's command-line overrides."""
-    from ran.cli import load_config, merge_configs
-
-    cfg = load_config(job.run.config)
-    budget = job.suite.budget_config(job.budget)
-    if budget.is_file():
-        cfg = merge_configs(cfg, load_config(budget))
-    return merge_configs(cfg, overrides_config(job.extra)) if job.extra else cfg
-
-
 def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None,
               extra: list[str] | None = None) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
@@ -105,10 +67,9 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
     for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
-        cfg = merged_config(job)
+        cfg = job_config(job)
         model, data, trainer = cfg.get("model", {}), cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
-        devices = trainer.get("devices", 1)
-        devices = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1))
+        res = resources(job)
         net_kwargs = {k: model[k] for k in ("attention", "learning", "mask") if model.get(k)}
         net_kwargs.update(model.get("model_kwargs") or {})
         # The CLI links data.num_classes to the model; ImageNet's comes from its tree: the network's own 1000.
@@ -121,7 +82,7 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
         size, num_classes, macs = macs_cache[key]
         costs.append(RunCost(
             run=job.run.name, arch=model["arch"], net_kwargs=net_kwargs, num_classes=num_classes, image_size=size,
-            batch=int(data.get("batch_size", 64)), devices=devices,
+            batch=int(data.get("batch_size", 64)), devices=res["devices"] * res["nodes"],
             iterations=int(trainer.get("max_steps", 0)), seeds=seeds,
             precision=str(trainer.get("precision", "32")).replace("-true", ""),
             channels_last=bool(model.get("channels_last", False)), macs=macs))

@@ -125,6 +125,13 @@ def test_slurm_scripts_take_resources_from_the_config(tmp_path):
     assert written[0].read_text().startswith("#!/bin/bash")
     cifar = sbatch_script(make_jobs(load_suite("table3"), "cpu-mini", [0], tmp_path)[0], SlurmOptions())
     assert "#SBATCH --ntasks-per-node=1" in cifar
+    # Overrides after `--` reach the resources as they reach the runs.
+    wider = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"],
+                      ["--trainer.devices", "4", "--trainer.num_nodes=2"])
+    script = sbatch_script(wider[0], SlurmOptions())
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4"):
+        assert line in script
+    assert "--trainer.devices 4 --trainer.num_nodes=2" in script
 
 
 def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
