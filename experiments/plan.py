@@ -11,6 +11,7 @@ from typing import Any
 
 from experiments.launch import job_config, make_jobs, resources
 from experiments.suites import Suite, load_suite, suite_names
+from ran.markdown import markdown_lines
 
 
 DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
@@ -121,10 +122,6 @@ def device_label() -> str:
     return f"this CPU, {torch.get_num_threads()} threads"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _pflop(flop: float) -> str:
     p = flop / 1e15
     return f"{p:,.0f}" if p >= 100 else f"{p:.1f}" if p >= 1 else f"{p:.2g}"
@@ -151,7 +148,7 @@ def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, ste
         if measure:
             row += [f"{1e3 * c.step_s:,.0f}", _hours(c.device_hours)]
         rows.append(row)
-    lines = [f"{suite.name} under budget '{budget}': {len(costs)} runs x {len(seeds)} seed(s)", "", *_table(header, rows)]
+    lines = [f"{suite.name} under budget '{budget}': {len(costs)} runs x {len(seeds)} seed(s)", "", *markdown_lines(header, rows)]
     total = f"total: {_pflop(sum(c.train_flop for c in costs))} PFLOP of training"
     if measure:
         total += (f", {_hours(sum(c.device_hours for c in costs))} device-hours ({device_label()}; step times "
@@ -182,7 +179,7 @@ def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: i
                 measure_steps(costs, steps, step_cache)
                 row.append(_hours(sum(c.device_hours for c in costs)))
             rows.append(row)
-    lines = _table(header, rows)
+    lines = markdown_lines(header, rows)
     if measure:
         lines += ["", f"device-hours on {device_label()}: each network's training step measured with its budget's "
                       "per-device batch, precision and memory format, synthetic batches; data loading and "

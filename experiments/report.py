@@ -18,6 +18,7 @@ from typing import Any
 
 from experiments.launch import RESULTS_FILE
 from experiments.suites import Run, Suite
+from ran.markdown import markdown_lines
 
 
 @dataclass
@@ -119,10 +120,10 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
             header += [f"{prefix} measured".strip(), f"{prefix} paper".strip(), f"{prefix} diff".strip()]
     lines = [f"### {suite.title}", "",
              f"{suite.paper_ref}; {suite.metric_label}; budget `{budget}`"
-             f"{'; ' + suite.note if suite.note else ''}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             f"{'; ' + suite.note if suite.note else ''}", ""]
     index = {(str(c.run.factors.get(suite.rows)), str(c.run.factors.get(suite.columns, "")) if suite.columns
               else "", c.metric): c for c in cells}
+    table = []
     for row in rows:
         line = [row]
         for col in columns:
@@ -130,8 +131,8 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
                 cell = index.get((row, col, metric))
                 line += ["-", "-", "-"] if cell is None else [cell.measured_text(), _fmt(cell.paper),
                                                               _fmt(cell.diff, signed=True)]
-        lines.append("| " + " | ".join(line) + " |")
-    return "\n".join(lines) + "\n"
+        table.append(line)
+    return "\n".join(lines + markdown_lines(header, table)) + "\n"
 
 
 def _natural(value: str):

@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ran.layers import ATTENTIONS, LEARNINGS, MASKS
+from ran.markdown import markdown_lines
 from ran.registry import create_model, list_models
 
 # Published sizes (parameters in millions, multiply-adds at 224x224 in billions); see shared/paper.md.
@@ -78,9 +79,7 @@ def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
         rows.append((s.name, f"{s.input_size}x{s.input_size}", _fmt(s.params / 1e6, "M"), _fmt(s.paper_params, "M"),
                      _fmt(s.macs / 1e9, "G"), _fmt(s.paper_macs, "G")))
     if markdown:
-        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-        return "\n".join(lines)
+        return "\n".join(markdown_lines(rows[0], rows[1:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
