@@ -471,9 +471,17 @@ class CIFARDataModuleBase(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset: InMemoryImageDataset | None, split: str, shuffle: bool) -> DataLoader:
-        return split_loader(dataset, type(self).__name__, split, batch_size=self.batch_size, shuffle=shuffle,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=True,
-                            collate_fn=passthrough_collate)
+        return split_loader(
+            dataset,
+            type(self).__name__,
+            split,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=True,
+            collate_fn=passthrough_collate,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled uint8 training batches ``(images, labels)``, augmented in ``on_after_batch_transfer``."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -322,9 +323,16 @@ class ImageNetDataModule(pl.LightningDataModule):
                 self.val_dataset = self.test_dataset
 
     def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
-        return split_loader(dataset, "ImageNetDataModule", split, batch_size=self.batch_size, shuffle=shuffle,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=self.persistent_workers)
+        return split_loader(
+            dataset,
+            "ImageNetDataModule",
+            split,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training batches of float ``(B, 3, image_size, image_size)`` tensors."""

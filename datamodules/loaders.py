@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 
-def split_loader(dataset: Dataset | None, owner: str, split: str, *, batch_size: int, shuffle: bool,
-                 num_workers: int, pin_memory: bool, persistent_workers: bool,
-                 collate_fn: Callable[[Any], Any] | None = None) -> DataLoader:
+def split_loader(
+    dataset: Dataset | None,
+    owner: str,
+    split: str,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    pin_memory: bool,
+    persistent_workers: bool,
+    collate_fn: Callable[[Any], Any] | None = None,
+) -> DataLoader:
     """A DataLoader over one split; a clear error when `setup()` has not made the split yet."""
     if dataset is None:
         raise RuntimeError(f"{owner}: the {split} split is not set up; call setup() first")
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=persistent_workers and num_workers > 0,
-                      **({"collate_fn": collate_fn} if collate_fn is not None else {}))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        **({"collate_fn": collate_fn} if collate_fn is not None else {}),
+    )

@@ -1,14 +1,14 @@
 """`python -m experiments`: run the paper's tables as suites, report them beside the paper, plan their cost.
 
-    python -m experiments list
-    python -m experiments run table3 --budget paper --launcher slurm --partition gpu
-    python -m experiments run arl_vs_nal --budget cpu-mini --data-dir ../shared/data --parallel 1
-    python -m experiments run table3 --budget paper --launcher list > commands.txt
-    python -m experiments report table3 --budget paper
-    python -m experiments plan table3 --budget paper --measure
-    python -m experiments plan all --budget paper cpu-mini
-    python -m experiments responses --model attention164_cifar --compare learning=arl,nal
-    python -m experiments masks --ckpt runs/.../checkpoints/best.ckpt --data-dir data
+python -m experiments list
+python -m experiments run table3 --budget paper --launcher slurm --partition gpu
+python -m experiments run arl_vs_nal --budget cpu-mini --data-dir ../shared/data --parallel 1
+python -m experiments run table3 --budget paper --launcher list > commands.txt
+python -m experiments report table3 --budget paper
+python -m experiments plan table3 --budget paper --measure
+python -m experiments plan all --budget paper cpu-mini
+python -m experiments responses --model attention164_cifar --compare learning=arl,nal
+python -m experiments masks --ckpt runs/.../checkpoints/best.ckpt --data-dir data
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ from ran.allocator import keep_freed_memory
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the suites, their runs and the paper's figures")
 
@@ -40,33 +44,50 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--runs", nargs="+", help="only these runs of the suite")
     run.add_argument("--parallel", type=int, default=1, help="local: runs at a time")
     run.add_argument("--threads", type=int, help="local: torch threads per run (default: cores / parallel)")
-    run.add_argument("--data-dir", help="the dataset folder, passed to every run as --data.init_args.data_dir")
+    run.add_argument(
+        "--data-dir", help="the dataset folder, passed to every run as --data.init_args.data_dir"
+    )
     run.add_argument("--dry-run", action="store_true", help="slurm: write the scripts, do not submit")
     run.add_argument("--partition")
     run.add_argument("--time", default="48:00:00", help="slurm: time limit")
     run.add_argument("--cpus-per-task", type=int, default=8)
     run.add_argument("--mem")
     run.add_argument("--account")
-    run.add_argument("--setup", default="", help="slurm: shell lines before the job (e.g. 'source .venv/bin/activate')")
-    run.epilog = "Arguments after `--` are passed to every `ran fit` and `ran test` (e.g. -- --trainer.precision bf16-mixed)."
+    run.add_argument(
+        "--setup", default="", help="slurm: shell lines before the job (e.g. 'source .venv/bin/activate')"
+    )
+    run.epilog = (
+        "Arguments after `--` are passed to every `ran fit` and `ran test` "
+        "(e.g. -- --trainer.precision bf16-mixed)."
+    )
 
     rep = sub.add_parser("report", help="the suite's table beside the paper's, from the run directories")
     common(rep)
     rep.add_argument("--out", type=Path, help="where to write the .md and .csv (default: the suite's folder)")
 
-    plan = sub.add_parser("plan", help="runs, iterations, training FLOPs and device-hours of a suite under budgets")
-    plan.add_argument("suite", help="a suite, an alias such as table3, or 'all' for one line per suite and budget")
+    plan = sub.add_parser(
+        "plan", help="runs, iterations, training FLOPs and device-hours of a suite under budgets"
+    )
+    plan.add_argument(
+        "suite", help="a suite, an alias such as table3, or 'all' for one line per suite and budget"
+    )
     plan.add_argument("--budget", nargs="+", default=["paper"], choices=BUDGETS)
     plan.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per run (default: one)")
-    plan.add_argument("--measure", action="store_true",
-                      help="time each network's training step on this machine (ran.bench) and give the hours")
+    plan.add_argument(
+        "--measure",
+        action="store_true",
+        help="time each network's training step on this machine (ran.bench) and give the hours",
+    )
     plan.add_argument("--step-steps", type=int, default=6, help="with --measure: timed steps per network")
-    plan.epilog = ("Arguments after `--` are the `ran` overrides the runs will get (e.g. -- --trainer.precision "
-                   "bf16-mixed --model.channels_last true): the plan counts and measures with them.")
+    plan.epilog = (
+        "Arguments after `--` are the `ran` overrides the runs will get (e.g. -- --trainer.precision "
+        "bf16-mixed --model.channels_last true): the plan counts and measures with them."
+    )
 
     for name in ("responses", "masks"):
-        sub.add_parser(name, help=f"the paper's analyses: see `python -m experiments {name} --help`",
-                       add_help=False)
+        sub.add_parser(
+            name, help=f"the paper's analyses: see `python -m experiments {name} --help`", add_help=False
+        )
     return parser
 
 
@@ -75,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # plan --measure and the analyses train and run networks in this process
     if argv and argv[0] in ("responses", "masks"):
         from experiments.analysis import main as analysis_main
+
         return analysis_main(argv)
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    overrides = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = _parser().parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.overrides = overrides
     try:
         if args.command == "list":
@@ -89,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, suite)
         if args.command == "report":
             from experiments.report import report
+
             text, md, csv_path = report(suite, args.budget, args.root, args.out, args.seeds)
             print(text)
             print(f"written: {md}, {csv_path}")
@@ -104,12 +127,25 @@ def _plan(args: argparse.Namespace) -> int:
 
     seeds = args.seeds or [0]
     if args.suite == "all":
-        print(plan_all(args.budget, seeds=len(seeds), measure=args.measure, steps=args.step_steps,
-                       extra=args.overrides))
+        print(
+            plan_all(
+                args.budget,
+                seeds=len(seeds),
+                measure=args.measure,
+                steps=args.step_steps,
+                extra=args.overrides,
+            )
+        )
         return 0
     suite = load_suite(args.suite)
-    print("\n\n".join(plan(suite, budget, seeds=seeds, measure=args.measure, steps=args.step_steps,
-                            extra=args.overrides) for budget in args.budget))
+    print(
+        "\n\n".join(
+            plan(
+                suite, budget, seeds=seeds, measure=args.measure, steps=args.step_steps, extra=args.overrides
+            )
+            for budget in args.budget
+        )
+    )
     return 0
 
 
@@ -120,8 +156,10 @@ def _list() -> int:
         print(f"{name}{alias}: {suite.title} [{suite.paper_ref}], {len(suite.runs)} runs")
         for run in suite.runs:
             paper = ", ".join(f"{k} {v}" for k, v in run.paper.items()) or "no published figure"
-            print(f"  {run.name:34s} {run.config.relative_to(Path.cwd()) if run.config.is_relative_to(Path.cwd()) else run.config}"
-                  f"  paper: {paper}")
+            config = (
+                run.config.relative_to(Path.cwd()) if run.config.is_relative_to(Path.cwd()) else run.config
+            )
+            print(f"  {run.name:34s} {config}  paper: {paper}")
     return 0
 
 
@@ -134,14 +172,22 @@ def _run(args: argparse.Namespace, suite) -> int:
         print("\n".join(command_list(jobs)))
         return 0
     if args.launcher == "slurm":
-        options = SlurmOptions(partition=args.partition, time=args.time, cpus_per_task=args.cpus_per_task,
-                               mem=args.mem, account=args.account, setup=args.setup)
+        options = SlurmOptions(
+            partition=args.partition,
+            time=args.time,
+            cpus_per_task=args.cpus_per_task,
+            mem=args.mem,
+            account=args.account,
+            setup=args.setup,
+        )
         run_slurm(jobs, options, submit=not args.dry_run)
         return 0
     statuses = run_local(jobs, parallel=args.parallel, threads=args.threads)
     failed = [name for name, status in statuses.items() if status]
-    print(f"{len(statuses) - len(failed)} of {len(statuses)} runs finished"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(statuses) - len(failed)} of {len(statuses)} runs finished"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

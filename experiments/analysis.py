@@ -27,30 +27,58 @@ import math
 import os
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
-from datamodules import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD,
-                         CIFAR10DataModule, CIFAR100DataModule, CorruptImageError, DatasetLayoutError,
-                         ImageNetDataModule, normalize_batch)
+from datamodules import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    CorruptImageError,
+    DatasetLayoutError,
+    ImageNetDataModule,
+    normalize_batch,
+)
 from ran.registry import create_model, list_models
 
-__all__ = ["AnalysisImages", "DATASETS", "ResponseTable", "compare_responses", "draw_response_chart",
-           "infer_dataset", "jet_colormap", "load_analysis_images", "load_checkpoint_network", "main",
-           "mask_grid_size", "resolve_network", "save_mask_pictures", "stage_responses"]
+__all__ = [
+    "AnalysisImages",
+    "DATASETS",
+    "ResponseTable",
+    "compare_responses",
+    "draw_response_chart",
+    "infer_dataset",
+    "jet_colormap",
+    "load_analysis_images",
+    "load_checkpoint_network",
+    "main",
+    "mask_grid_size",
+    "resolve_network",
+    "save_mask_pictures",
+    "stage_responses",
+]
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
-NORMALISATION = {"cifar10": (CIFAR10_MEAN, CIFAR10_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
-                 "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+NORMALISATION = {
+    "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
 BN_STATS = ("running", "batch")
 
-NetworkSpec = Union[nn.Module, str, os.PathLike, tuple]
+NetworkSpec = nn.Module | str | os.PathLike | tuple
 """A network for :func:`compare_responses`: a module (a ResidualAttentionNet or an ImageClassifier), a
 checkpoint path, a registered model name, or `(name, kwargs)` for `ran.create_model(name, **kwargs)` at
 initialisation."""
@@ -58,13 +86,16 @@ initialisation."""
 
 # --- networks -----------------------------------------------------------------------------------------------
 
+
 def _unwrap(net: nn.Module) -> nn.Module:
     """The ResidualAttentionNet inside an ImageClassifier (its `.net`), or `net` itself."""
     inner = getattr(net, "net", None)
     net = inner if isinstance(inner, nn.Module) else net
     if not (hasattr(net, "stem") and isinstance(getattr(net, "stages", None), nn.Sequential)):
-        raise TypeError(f"expected a ResidualAttentionNet (with .stem and .stages) or an ImageClassifier, "
-                        f"got {type(net).__name__}")
+        raise TypeError(
+            f"expected a ResidualAttentionNet (with .stem and .stages) or an ImageClassifier, "
+            f"got {type(net).__name__}"
+        )
     return net
 
 
@@ -74,14 +105,16 @@ def load_checkpoint_network(path: str | os.PathLike) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint not found: {path}. Fix: pass the .ckpt file of a run, e.g. "
-            "runs/<run name>/checkpoints/best.ckpt or last.ckpt (written by `ran fit`)")
+            "runs/<run name>/checkpoints/best.ckpt or last.ckpt (written by `ran fit`)"
+        )
     from ran.module import ImageClassifier
 
     try:
         module = ImageClassifier.load_from_checkpoint(path, map_location="cpu")
     except Exception as exc:  # not a Lightning checkpoint, another LightningModule's, damaged file, ...
-        raise ValueError(f"could not load {path} as an ImageClassifier checkpoint "
-                         f"({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"could not load {path} as an ImageClassifier checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     return module.net.eval()
 
 
@@ -141,8 +174,10 @@ def _evaluation(net: nn.Module, bn_stats: str = "running") -> Iterator[None]:
 
 # --- 1. stage responses (Sec. 4.1, the figure on response) --------------------------------------------------
 
-def stage_responses(net: nn.Module, images: torch.Tensor, *, bn_stats: str = "running",
-                    batch_size: int = 64) -> "OrderedDict[str, float]":
+
+def stage_responses(
+    net: nn.Module, images: torch.Tensor, *, bn_stats: str = "running", batch_size: int = 64
+) -> OrderedDict[str, float]:
     """Mean absolute value of the output of the stem and of every stage (stage1..stage4) over `images`.
 
     The measure of the paper's figure on response (Sec. 4.1). `images` is the normalised float network input
@@ -152,8 +187,10 @@ def stage_responses(net: nn.Module, images: torch.Tensor, *, bn_stats: str = "ru
     """
     net = _unwrap(net)
     if not images.is_floating_point():
-        raise TypeError("images must be the normalised float network input; convert uint8 images with "
-                        "datamodules.normalize_batch(images, mean, std)")
+        raise TypeError(
+            "images must be the normalised float network input; convert uint8 images with "
+            "datamodules.normalize_batch(images, mean, std)"
+        )
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"expected a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")
     blocks = OrderedDict([("stem", net.stem), *net.stages.named_children()])
@@ -164,6 +201,7 @@ def stage_responses(net: nn.Module, images: torch.Tensor, *, bn_stats: str = "ru
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             sums[name] += output.detach().abs().sum(dtype=torch.float64).item()
             counts[name] += output.numel()
+
         return hook
 
     handles = [block.register_forward_hook(record(name)) for name, block in blocks.items()]
@@ -182,7 +220,7 @@ def stage_responses(net: nn.Module, images: torch.Tensor, *, bn_stats: str = "ru
 class ResponseTable:
     """Mean absolute stage responses, `responses[label][stage]`, and notes on how they were measured."""
 
-    responses: "OrderedDict[str, OrderedDict[str, float]]"
+    responses: OrderedDict[str, OrderedDict[str, float]]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -205,8 +243,11 @@ class ResponseTable:
         for stage in self.stages:
             values = [self.value(label, stage) for label in labels]
             ratios = [v / values[0] if values[0] else math.nan for v in values[1:]]
-            cells = [stage, *(f"{v:.4g}" if not math.isnan(v) else "-" for v in values),
-                     *(f"{r:.3g}" if not math.isnan(r) else "-" for r in ratios)]
+            cells = [
+                stage,
+                *(f"{v:.4g}" if not math.isnan(v) else "-" for v in values),
+                *(f"{r:.3g}" if not math.isnan(r) else "-" for r in ratios),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -221,8 +262,9 @@ class ResponseTable:
                 writer.writerow([stage, *(repr(self.value(label, stage)) for label in self.labels)])
         return path
 
-    def save(self, out_dir: str | os.PathLike, title: str = "Mean absolute response of each stage's output"
-             ) -> list[Path]:
+    def save(
+        self, out_dir: str | os.PathLike, title: str = "Mean absolute response of each stage's output"
+    ) -> list[Path]:
         """Write `responses.md` (title, notes, table), `responses.csv` and `responses.png` into `out_dir`; log
         the chart and table to the active W&B run, if any. Returns the written paths."""
         out = Path(out_dir)
@@ -239,14 +281,24 @@ class ResponseTable:
             import wandb
 
             rows = [[stage, *(self.value(label, stage) for label in self.labels)] for stage in self.stages]
-            run.log({"responses/chart": wandb.Image(chart, caption=title),
-                     "responses/table": wandb.Table(columns=["stage", *self.labels], data=rows)})
+            run.log(
+                {
+                    "responses/chart": wandb.Image(chart, caption=title),
+                    "responses/table": wandb.Table(columns=["stage", *self.labels], data=rows),
+                }
+            )
         return [md, csv_path, png]
 
 
-def compare_responses(networks: Mapping[str, NetworkSpec], images: torch.Tensor, *, seed: int = 0,
-                      bn_stats: str = "running", batch_size: int = 64,
-                      out_dir: str | os.PathLike | None = None) -> ResponseTable:
+def compare_responses(
+    networks: Mapping[str, NetworkSpec],
+    images: torch.Tensor,
+    *,
+    seed: int = 0,
+    bn_stats: str = "running",
+    batch_size: int = 64,
+    out_dir: str | os.PathLike | None = None,
+) -> ResponseTable:
     """:func:`stage_responses` of several networks, e.g. NAL against ARL (Sec. 4.1 and its figure).
 
     `networks` maps a label to a :data:`NetworkSpec`: a module, a checkpoint path, or `(model name, kwargs)`
@@ -258,12 +310,17 @@ def compare_responses(networks: Mapping[str, NetworkSpec], images: torch.Tensor,
         raise ValueError("compare_responses needs at least one network")
     responses = OrderedDict()
     for label, spec in networks.items():
-        responses[label] = stage_responses(resolve_network(spec, seed), images, bn_stats=bn_stats,
-                                           batch_size=batch_size)
-    bn_note = ("BatchNorm: running statistics (eval mode)" if bn_stats == "running" else
-               "BatchNorm: batch statistics (as in a training step; running statistics untouched)")
-    table = ResponseTable(responses, [f"{images.shape[0]} images of {images.shape[-2]}x{images.shape[-1]}",
-                                      bn_note])
+        responses[label] = stage_responses(
+            resolve_network(spec, seed), images, bn_stats=bn_stats, batch_size=batch_size
+        )
+    bn_note = (
+        "BatchNorm: running statistics (eval mode)"
+        if bn_stats == "running"
+        else "BatchNorm: batch statistics (as in a training step; running statistics untouched)"
+    )
+    table = ResponseTable(
+        responses, [f"{images.shape[0]} images of {images.shape[-2]}x{images.shape[-1]}", bn_note]
+    )
     if out_dir is not None:
         table.save(out_dir)
     return table
@@ -271,8 +328,16 @@ def compare_responses(networks: Mapping[str, NetworkSpec], images: torch.Tensor,
 
 # --- drawing with PIL ---------------------------------------------------------------------------------------
 
-PALETTE = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127))
+PALETTE = (
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (255, 127, 14),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+)
 
 
 def _font() -> ImageFont.ImageFont:
@@ -290,8 +355,12 @@ def _nice_step(span: float, ticks: int = 5) -> float:
     return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
 
 
-def draw_response_chart(table: ResponseTable, title: str = "Mean absolute response of each stage's output",
-                        log_scale: bool | None = None, size: tuple[int, int] = (760, 440)) -> Image.Image:
+def draw_response_chart(
+    table: ResponseTable,
+    title: str = "Mean absolute response of each stage's output",
+    log_scale: bool | None = None,
+    size: tuple[int, int] = (760, 440),
+) -> Image.Image:
     """Grouped bars of the responses, one group per stage and one colour per network (PIL only).
 
     The y axis is logarithmic when the positive values span more than two decades (`log_scale=None`).
@@ -312,10 +381,10 @@ def draw_response_chart(table: ResponseTable, title: str = "Mean absolute respon
         low = math.floor(math.log10(min(positive)))
         high = max(math.ceil(math.log10(max(positive))), low + 1)
         step = max(1, math.ceil((high - low) / 8))
-        ticks = [(10.0 ** k, f"1e{k}") for k in range(low, high + 1, step)]
+        ticks = [(10.0**k, f"1e{k}") for k in range(low, high + 1, step)]
 
         def y_of(v: float) -> float:
-            v = min(max(v, 10.0 ** low), 10.0 ** high)
+            v = min(max(v, 10.0**low), 10.0**high)
             return bottom - (math.log10(v) - low) / (high - low) * (bottom - top)
     else:
         high_value = max(values + [0.0]) or 1.0
@@ -457,8 +526,14 @@ def _active_wandb_run() -> Any:
     return getattr(wandb, "run", None) if wandb is not None else None
 
 
-def save_mask_pictures(net: nn.Module, images_uint8: torch.Tensor, mean: Sequence[float],
-                       std: Sequence[float], out_dir: str | os.PathLike, max_images: int = 8) -> list[Path]:
+def save_mask_pictures(
+    net: nn.Module,
+    images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    out_dir: str | os.PathLike,
+    max_images: int = 8,
+) -> list[Path]:
     """One PNG per Attention Module showing its soft mask M(x) on up to `max_images` images, as the paper
     illustrates its masks.
 
@@ -469,8 +544,10 @@ def save_mask_pictures(net: nn.Module, images_uint8: torch.Tensor, mean: Sequenc
     `masks/<module name>`. Returns the written paths (none for a network without soft masks).
     """
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
-        raise TypeError(f"images_uint8 must be a uint8 (B, C, H, W) tensor, got {images_uint8.dtype} "
-                        f"{tuple(images_uint8.shape)}")
+        raise TypeError(
+            f"images_uint8 must be a uint8 (B, C, H, W) tensor, got {images_uint8.dtype} "
+            f"{tuple(images_uint8.shape)}"
+        )
     if max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
     net = _unwrap(net)
@@ -490,12 +567,17 @@ def save_mask_pictures(net: nn.Module, images_uint8: torch.Tensor, mean: Sequenc
     if run is not None and pictures:
         import wandb
 
-        run.log({f"masks/{name}": wandb.Image(picture, caption=f"{name} {tuple(masks[name].shape)}")
-                 for name, picture in pictures.items()})
+        run.log(
+            {
+                f"masks/{name}": wandb.Image(picture, caption=f"{name} {tuple(masks[name].shape)}")
+                for name, picture in pictures.items()
+            }
+        )
     return written
 
 
 # --- images for the analyses --------------------------------------------------------------------------------
+
 
 @dataclass
 class AnalysisImages:
@@ -510,8 +592,9 @@ class AnalysisImages:
         return normalize_batch(self.images, self.mean, self.std)
 
 
-def load_analysis_images(dataset: str, data_dir: str | os.PathLike | None, num_images: int, *,
-                         image_size: int = 32, seed: int = 0) -> AnalysisImages:
+def load_analysis_images(
+    dataset: str, data_dir: str | os.PathLike | None, num_images: int, *, image_size: int = 32, seed: int = 0
+) -> AnalysisImages:
     """The first `num_images` CIFAR test images, `num_images` ImageNet `val/` images spread evenly over the
     classes (resized and centre-cropped to `image_size`), or, without `data_dir`, uniform random images of
     `image_size` (seeded) normalised with `dataset`'s statistics."""
@@ -522,11 +605,17 @@ def load_analysis_images(dataset: str, data_dir: str | os.PathLike | None, num_i
     mean, std = NORMALISATION[dataset]
     if data_dir is None:
         generator = torch.Generator().manual_seed(seed)
-        images = torch.randint(0, 256, (num_images, 3, image_size, image_size), dtype=torch.uint8,
-                               generator=generator)
-        return AnalysisImages(images, mean, std, f"{num_images} random uniform {image_size}x{image_size} "
-                              f"images (seed {seed}; no --data-dir given), normalised with {dataset} "
-                              "statistics")
+        images = torch.randint(
+            0, 256, (num_images, 3, image_size, image_size), dtype=torch.uint8, generator=generator
+        )
+        return AnalysisImages(
+            images,
+            mean,
+            std,
+            f"{num_images} random uniform {image_size}x{image_size} "
+            f"images (seed {seed}; no --data-dir given), normalised with {dataset} "
+            "statistics",
+        )
     data_dir = Path(data_dir).expanduser()
     if not data_dir.is_dir():
         raise FileNotFoundError(_missing_data_dir(data_dir, dataset))
@@ -538,34 +627,57 @@ def load_analysis_images(dataset: str, data_dir: str | os.PathLike | None, num_i
         dm = ImageNetDataModule(str(data_dir), num_workers=0, pin_memory=False, eval_size=image_size)
         dm.setup("test")
         tree = dm.test_dataset
-        tree.transform = v2.Compose([v2.Resize(eval_resize_size(image_size), antialias=True),
-                                     v2.CenterCrop(image_size), v2.PILToTensor()])
+        tree.transform = v2.Compose(
+            [
+                v2.Resize(eval_resize_size(image_size), antialias=True),
+                v2.CenterCrop(image_size),
+                v2.PILToTensor(),
+            ]
+        )
         count = min(num_images, len(tree))
         indices = torch.linspace(0, len(tree) - 1, count).round().long().tolist()
         images = torch.stack([tree[i][0] for i in indices])
-        return AnalysisImages(images, mean, std, f"{count} ImageNet images of {data_dir / 'val'} spread over "
-                              f"its {len(dm.classes)} classes, centre-cropped to {image_size}x{image_size}")
+        return AnalysisImages(
+            images,
+            mean,
+            std,
+            f"{count} ImageNet images of {data_dir / 'val'} spread over "
+            f"its {len(dm.classes)} classes, centre-cropped to {image_size}x{image_size}",
+        )
     module = CIFAR10DataModule if dataset == "cifar10" else CIFAR100DataModule
     if not (data_dir / module.base_folder).is_dir() and data_dir.name == module.base_folder:
         data_dir = data_dir.parent  # the dataset folder itself was given
     dm = module(data_dir=str(data_dir))
     dm.setup("test")
     images = dm.test_dataset.images[:num_images]
-    return AnalysisImages(images, mean, std, f"the first {images.shape[0]} {module.dataset_name} test images "
-                          f"of {dm.dataset_dir}")
+    return AnalysisImages(
+        images,
+        mean,
+        std,
+        f"the first {images.shape[0]} {module.dataset_name} test images of {dm.dataset_dir}",
+    )
 
 
 def _missing_data_dir(data_dir: Path, dataset: str | None) -> str:
-    layouts = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/",
-               "imagenet": "train/ and val/"}
-    layout = (f"{layouts[dataset]} ({dataset})" if dataset else
-              ", ".join(f"{layout} ({name})" for name, layout in layouts.items() if name != "imagenet")
-              + f" or {layouts['imagenet']} (imagenet)")
-    return (f"data directory not found: {data_dir}. Fix: pass --data-dir the folder that contains {layout}, "
-            "or leave --data-dir out to use random images")
+    layouts = {
+        "cifar10": "cifar-10-batches-py/",
+        "cifar100": "cifar-100-python/",
+        "imagenet": "train/ and val/",
+    }
+    layout = (
+        f"{layouts[dataset]} ({dataset})"
+        if dataset
+        else ", ".join(f"{layout} ({name})" for name, layout in layouts.items() if name != "imagenet")
+        + f" or {layouts['imagenet']} (imagenet)"
+    )
+    return (
+        f"data directory not found: {data_dir}. Fix: pass --data-dir the folder that contains {layout}, "
+        "or leave --data-dir out to use random images"
+    )
 
 
 # --- command line -------------------------------------------------------------------------------------------
+
 
 class AnalysisError(Exception):
     """A user error on the command line, reported without a traceback."""
@@ -596,14 +708,16 @@ def _checkpoint_entry(text: str) -> tuple[str, Path]:
     if not label:
         label = f"{path.parent.parent.name}/{path.stem}" if path.parent.name == "checkpoints" else path.stem
     if not path.is_file():
-        raise AnalysisError(f"checkpoint not found: {path}"
-                            + (" (it is a directory)" if path.is_dir() else "")
-                            + ". Fix: pass the .ckpt file of a run, e.g. "
-                            "runs/<run name>/checkpoints/best.ckpt or last.ckpt (written by `ran fit`)")
+        raise AnalysisError(
+            f"checkpoint not found: {path}"
+            + (" (it is a directory)" if path.is_dir() else "")
+            + ". Fix: pass the .ckpt file of a run, e.g. "
+            "runs/<run name>/checkpoints/best.ckpt or last.ckpt (written by `ran fit`)"
+        )
     return label, path
 
 
-def _model_specs(args: argparse.Namespace) -> "OrderedDict[str, NetworkSpec]":
+def _model_specs(args: argparse.Namespace) -> OrderedDict[str, NetworkSpec]:
     """Networks at initialisation from --model, --model-arg and --compare."""
     if args.model not in list_models():
         raise AnalysisError(f"unknown model {args.model!r}; known models: {', '.join(list_models())}")
@@ -612,39 +726,66 @@ def _model_specs(args: argparse.Namespace) -> "OrderedDict[str, NetworkSpec]":
     if not getattr(args, "compare", None):
         return OrderedDict([(args.model, (args.model, kwargs))])
     key, values = _split_assignment(args.compare, "--compare")
-    return OrderedDict((f"{key}={value}", (args.model, {**kwargs, key: _parse_value(value)}))
-                       for value in values.split(","))
+    return OrderedDict(
+        (f"{key}={value}", (args.model, {**kwargs, key: _parse_value(value)})) for value in values.split(",")
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m experiments",
-        description="The paper's analyses: stage responses, NAL vs ARL (Sec. 4.1), and soft-mask pictures.")
+        description="The paper's analyses: stage responses, NAL vs ARL (Sec. 4.1), and soft-mask pictures.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_options(p: argparse.ArgumentParser, num_images: int) -> None:
-        p.add_argument("--data-dir", help="folder containing cifar-10-batches-py/, cifar-100-python/ or "
-                       "train/ and val/ (imagenet); random images when left out")
-        p.add_argument("--dataset", choices=DATASETS,
-                       help="default: from the network (ImageNet stem -> imagenet, 100 classes -> cifar100, "
-                       "else cifar10)")
+        p.add_argument(
+            "--data-dir",
+            help="folder containing cifar-10-batches-py/, cifar-100-python/ or "
+            "train/ and val/ (imagenet); random images when left out",
+        )
+        p.add_argument(
+            "--dataset",
+            choices=DATASETS,
+            help="default: from the network (ImageNet stem -> imagenet, 100 classes -> cifar100, "
+            "else cifar10)",
+        )
         p.add_argument("--num-images", type=int, default=num_images, help=f"default {num_images}")
         p.add_argument("--seed", type=int, default=0, help="seeds initialisation and random images")
-        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="with --model: a model argument, e.g. stage_widths=(16,32,64) (repeatable)")
+        p.add_argument(
+            "--model-arg",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="with --model: a model argument, e.g. stage_widths=(16,32,64) (repeatable)",
+        )
 
     responses = sub.add_parser("responses", help="mean absolute response of each stage's output (Sec. 4.1)")
-    responses.add_argument("--ckpt", action="append", default=[], metavar="LABEL=PATH",
-                           help="a checkpoint to compare, labelled (repeatable)")
+    responses.add_argument(
+        "--ckpt",
+        action="append",
+        default=[],
+        metavar="LABEL=PATH",
+        help="a checkpoint to compare, labelled (repeatable)",
+    )
     responses.add_argument("--model", help="a registered model at initialisation, e.g. attention164_cifar")
-    responses.add_argument("--compare", metavar="KEY=V1,V2",
-                           help="with --model: one network per value, e.g. learning=arl,nal")
-    responses.add_argument("--bn-stats", choices=("auto", *BN_STATS), default="auto",
-                           help="BatchNorm statistics: running (eval mode) or batch; auto: running with "
-                           "checkpoints, batch when every network is at initialisation")
+    responses.add_argument(
+        "--compare", metavar="KEY=V1,V2", help="with --model: one network per value, e.g. learning=arl,nal"
+    )
+    responses.add_argument(
+        "--bn-stats",
+        choices=("auto", *BN_STATS),
+        default="auto",
+        help="BatchNorm statistics: running (eval mode) or batch; auto: running with "
+        "checkpoints, batch when every network is at initialisation",
+    )
     responses.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    responses.add_argument("--out", type=Path, default=Path("runs/analysis/responses"),
-                           help="folder for responses.md, .csv and .png")
+    responses.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/analysis/responses"),
+        help="folder for responses.md, .csv and .png",
+    )
     data_options(responses, 64)
 
     masks = sub.add_parser("masks", help="one picture of the soft mask per Attention Module")
@@ -672,7 +813,7 @@ def _images_for(net: nn.Module, args: argparse.Namespace) -> AnalysisImages:
 
 
 def _responses(args: argparse.Namespace) -> int:
-    specs: "OrderedDict[str, NetworkSpec]" = OrderedDict()
+    specs: OrderedDict[str, NetworkSpec] = OrderedDict()
     for text in args.ckpt:
         label, path = _checkpoint_entry(text)
         if label in specs:
@@ -692,16 +833,20 @@ def _responses(args: argparse.Namespace) -> int:
     specs[first_label] = resolve_network(specs[first_label], args.seed)  # loaded once, to choose the images
     data = _images_for(specs[first_label], args)
     bn_stats = args.bn_stats if args.bn_stats != "auto" else ("running" if args.ckpt else "batch")
-    table = compare_responses(specs, data.normalised(), seed=args.seed, bn_stats=bn_stats,
-                              batch_size=args.batch_size)
+    table = compare_responses(
+        specs, data.normalised(), seed=args.seed, bn_stats=bn_stats, batch_size=args.batch_size
+    )
     table.notes.insert(0, f"images: {data.source}")
     if args.model:
-        table.notes.append(f"{args.model} at initialisation (seed {args.seed}; every variant gets the same "
-                           "weights)")
+        table.notes.append(
+            f"{args.model} at initialisation (seed {args.seed}; every variant gets the same weights)"
+        )
         if bn_stats == "running":
-            table.notes.append("an untrained network's running statistics are 0 and 1: BatchNorm is the "
-                               "identity and responses grow with depth (--bn-stats batch normalises as in "
-                               "training)")
+            table.notes.append(
+                "an untrained network's running statistics are 0 and 1: BatchNorm is the "
+                "identity and responses grow with depth (--bn-stats batch normalises as in "
+                "training)"
+            )
     paths = table.save(args.out)
     print("\n".join(table.notes))
     print()
@@ -722,8 +867,9 @@ def _masks(args: argparse.Namespace) -> int:
     data = _images_for(net, args)
     paths = save_mask_pictures(net, data.images, data.mean, data.std, args.out, max_images=args.num_images)
     if not paths:
-        raise AnalysisError("this network has no soft masks (no Attention Modules, or mask='none'): "
-                            "nothing to draw")
+        raise AnalysisError(
+            "this network has no soft masks (no Attention Modules, or mask='none'): nothing to draw"
+        )
     print(f"images: {data.source}")
     if args.model:
         print(f"{args.model} at initialisation (seed {args.seed})")

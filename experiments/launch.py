@@ -25,7 +25,6 @@ from experiments.suites import Run, Suite, SuiteError
 from ran.results import RESULTS_FILE
 
 
-
 @dataclass(frozen=True)
 class Job:
     """One run of a suite with one seed, under one budget."""
@@ -54,8 +53,15 @@ class Job:
         budget = self.suite.budget_config(self.budget)
         if budget.is_file():
             args += ["-c", _shown(budget)]
-        return args + ["--seed_everything", str(self.seed), "--run.root", str(self.root), "--run.name", self.name,
-                       *self.extra]
+        return args + [
+            "--seed_everything",
+            str(self.seed),
+            "--run.root",
+            str(self.root),
+            "--run.name",
+            self.name,
+            *self.extra,
+        ]
 
     def fit_args(self, resume: bool = False) -> list[str]:
         return ["fit", *self.config_args(), *(["--ckpt_path", "last"] if resume else [])]
@@ -64,7 +70,8 @@ class Job:
         return ["test", *self.config_args(), "--ckpt_path", "best"]
 
     def state(self) -> str:
-        """'done' (tested), 'resumable' (has a last checkpoint), 'stale' (a directory without one) or 'new'."""
+        """'done' (tested), 'resumable' (has a last checkpoint), 'stale' (a directory without one) or
+        'new'."""
         if (self.run_dir / RESULTS_FILE).is_file() and "test" in _read_json(self.run_dir / RESULTS_FILE):
             return "done"
         if (self.run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -89,8 +96,14 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def make_jobs(suite: Suite, budget: str, seeds: list[int], root: Path, runs: list[str] | None = None,
-              extra: list[str] | None = None) -> list[Job]:
+def make_jobs(
+    suite: Suite,
+    budget: str,
+    seeds: list[int],
+    root: Path,
+    runs: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> list[Job]:
     selected = [suite.run(r) for r in runs] if runs else list(suite.runs)
     return [Job(suite, run, budget, seed, root, tuple(extra or ())) for run in selected for seed in seeds]
 
@@ -107,12 +120,14 @@ def shell_line(args: list[str]) -> str:
 
 # --- plain list ---------------------------------------------------------------------------------------------
 
+
 def command_list(jobs: list[Job]) -> list[str]:
     """One shell line per run: fit, then test of the best checkpoint (runnable by any scheduler)."""
     return [f"{shell_line(job.fit_args())} && {shell_line(job.test_args())}" for job in jobs]
 
 
 # --- local --------------------------------------------------------------------------------------------------
+
 
 def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, log=print) -> dict[str, int]:
     """Run the jobs here, `parallel` at a time. A run that finished is skipped, one with a last checkpoint
@@ -131,7 +146,10 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
             statuses[job.name] = 0
             return
         if state == "stale":
-            log(f"[fail] {job.name}: {job.run_dir} exists without a checkpoint; remove it or pick another --root")
+            log(
+                f"[fail] {job.name}: {job.run_dir} exists without a checkpoint; "
+                "remove it or pick another --root"
+            )
             statuses[job.name] = 2
             return
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +164,9 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
                 log(f"[run ] {shell_line(args)}")
                 out.write(f"$ {shell_line(args)}\n")
                 out.flush()
-                proc = subprocess.Popen([ran_executable(), *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    [ran_executable(), *args], stdout=out, stderr=subprocess.STDOUT, env=env
+                )
                 running.add(proc)
                 status = proc.wait()
                 running.discard(proc)
@@ -157,7 +177,8 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
         statuses[job.name] = status
 
     def stop(signum=None, frame=None) -> None:
-        """Interrupted (Ctrl-C or SIGTERM): end the running `ran` processes too; each keeps its last checkpoint
+        """Interrupted (Ctrl-C or SIGTERM): end the running `ran` processes too; each keeps its last
+        checkpoint
         and a later launch resumes it."""
         stopping.set()
         for proc in list(running):
@@ -188,6 +209,7 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
 
 
 # --- SLURM --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SlurmOptions:
@@ -241,8 +263,11 @@ def resources(job: Job) -> dict[str, Any]:
     """Devices, nodes and accelerator of a job, from its merged config (run config, budget, overrides)."""
     trainer = job_config(job).get("trainer", {})
     devices = trainer.get("devices", 1)
-    return {"devices": devices if isinstance(devices, int) else 1, "nodes": int(trainer.get("num_nodes", 1)),
-            "accelerator": trainer.get("accelerator", "auto")}
+    return {
+        "devices": devices if isinstance(devices, int) else 1,
+        "nodes": int(trainer.get("num_nodes", 1)),
+        "accelerator": trainer.get("accelerator", "auto"),
+    }
 
 
 def sbatch_script(job: Job, options: SlurmOptions) -> str:
@@ -251,10 +276,17 @@ def sbatch_script(job: Job, options: SlurmOptions) -> str:
     of the best checkpoint after the fit."""
     res = resources(job)
     gpu = res["accelerator"] in ("gpu", "cuda", "auto")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={job.suite.name}-{job.label}", f"#SBATCH --nodes={res['nodes']}",
-             f"#SBATCH --ntasks-per-node={res['devices']}", f"#SBATCH --cpus-per-task={options.cpus_per_task}",
-             f"#SBATCH --time={options.time}", "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue",
-             f"#SBATCH --output={job.run_dir}.slurm-%j.out"]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job.suite.name}-{job.label}",
+        f"#SBATCH --nodes={res['nodes']}",
+        f"#SBATCH --ntasks-per-node={res['devices']}",
+        f"#SBATCH --cpus-per-task={options.cpus_per_task}",
+        f"#SBATCH --time={options.time}",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={job.run_dir}.slurm-%j.out",
+    ]
     if gpu:
         lines.append(f"#SBATCH --gres=gpu:{res['devices']}")
     if options.partition:
@@ -267,19 +299,25 @@ def sbatch_script(job: Job, options: SlurmOptions) -> str:
     if options.setup:
         lines.append(options.setup)
     # A requeued job finds its own hpc_ckpt_*.ckpt: `ran fit` resumes from it without --ckpt_path.
-    lines += [f"if [ -f {shlex.quote(str(job.run_dir / 'checkpoints' / 'last.ckpt'))} ]; then RESUME='--ckpt_path last';"
-              " else RESUME=''; fi",
-              f"srun {shell_line(job.fit_args())} $RESUME",
-              f"srun --ntasks=1 --nodes=1 {shell_line(job.test_args())} --trainer.devices 1 --trainer.num_nodes 1 "
-              "--trainer.strategy auto"]
+    lines += [
+        f"if [ -f {shlex.quote(str(job.run_dir / 'checkpoints' / 'last.ckpt'))} ]; "
+        "then RESUME='--ckpt_path last';"
+        " else RESUME=''; fi",
+        f"srun {shell_line(job.fit_args())} $RESUME",
+        f"srun --ntasks=1 --nodes=1 {shell_line(job.test_args())} --trainer.devices 1 --trainer.num_nodes 1 "
+        "--trainer.strategy auto",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def run_slurm(jobs: list[Job], options: SlurmOptions, submit: bool = True, log=print) -> list[Path]:
-    """Write one sbatch script per job under `<root>/<suite>/<budget>/slurm/` and, with `submit`, sbatch it."""
+    """Write one sbatch script per job under `<root>/<suite>/<budget>/slurm/` and, with `submit`, sbatch
+    it."""
     if submit and shutil.which("sbatch") is None:
-        raise RuntimeError("sbatch is not on PATH: run this on a SLURM login node, or pass --dry-run to only "
-                           "write the scripts")
+        raise RuntimeError(
+            "sbatch is not on PATH: run this on a SLURM login node, or pass --dry-run to only "
+            "write the scripts"
+        )
     paths = []
     for job in jobs:
         if job.state() == "done":
@@ -290,7 +328,9 @@ def run_slurm(jobs: list[Job], options: SlurmOptions, submit: bool = True, log=p
         path.write_text(sbatch_script(job, options))
         paths.append(path)
         if submit:
-            out = subprocess.run(["sbatch", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+            out = subprocess.run(
+                ["sbatch", str(path)], capture_output=True, text=True, check=True
+            ).stdout.strip()
             log(f"[sbatch] {path}: {out}")
         else:
             log(f"[write] {path}")

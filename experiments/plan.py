@@ -1,4 +1,5 @@
-"""What a suite costs under a budget: runs, iterations, images, training FLOPs and (with `--measure`) device-hours
+"""What a suite costs under a budget: runs, iterations, images, training FLOPs and (with `--measure`)
+device-hours
 from training-step times measured on this machine's device with `ran.bench`."""
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from experiments.launch import job_config, make_jobs, resources
 from experiments.suites import Suite, load_suite, suite_names
 from ran.markdown import markdown_lines
 
-
 DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
 
 
@@ -26,13 +26,13 @@ class RunCost:
     net_kwargs: dict[str, Any]
     num_classes: int
     image_size: int
-    batch: int              # per device
-    devices: int            # devices x nodes
+    batch: int  # per device
+    devices: int  # devices x nodes
     iterations: int
     seeds: int
     precision: str
     channels_last: bool
-    macs: int               # forward multiply-adds per image at image_size
+    macs: int  # forward multiply-adds per image at image_size
     step_s: float | None = field(default=None)  # one training step on one device
 
     @property
@@ -54,12 +54,20 @@ class RunCost:
 
     @property
     def measure_key(self) -> tuple:
-        return (self.arch, repr(sorted(self.net_kwargs.items())), self.num_classes, self.image_size, self.batch,
-                self.precision, self.channels_last)
+        return (
+            self.arch,
+            repr(sorted(self.net_kwargs.items())),
+            self.num_classes,
+            self.image_size,
+            self.batch,
+            self.precision,
+            self.channels_last,
+        )
 
 
-def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None,
-              extra: list[str] | None = None) -> list[RunCost]:
+def run_costs(
+    suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None, extra: list[str] | None = None
+) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
     multiply-adds counted by torch's FlopCounterMode (`ran.summary.count_macs`)."""
     from ran.registry import create_model
@@ -69,7 +77,11 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
     costs = []
     for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
         cfg = job_config(job)
-        model, data, trainer = cfg.get("model", {}), cfg.get("data", {}).get("init_args", {}), cfg.get("trainer", {})
+        model, data, trainer = (
+            cfg.get("model", {}),
+            cfg.get("data", {}).get("init_args", {}),
+            cfg.get("trainer", {}),
+        )
         res = resources(job)
         net_kwargs = {k: model[k] for k in ("attention", "learning", "mask") if model.get(k)}
         net_kwargs.update(model.get("model_kwargs") or {})
@@ -77,16 +89,28 @@ def run_costs(suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None
         num_classes = DATA_CLASSES.get(str(cfg.get("data", {}).get("class_path", "")).rsplit(".", 1)[-1])
         key = (model["arch"], repr(sorted(net_kwargs.items())), num_classes, data.get("image_size"))
         if key not in macs_cache:
-            net = create_model(model["arch"], **net_kwargs, **({"num_classes": num_classes} if num_classes else {}))
+            net = create_model(
+                model["arch"], **net_kwargs, **({"num_classes": num_classes} if num_classes else {})
+            )
             size = int(data.get("image_size") or net.default_input_size)
             macs_cache[key] = (size, net.num_classes, count_macs(net, size))
         size, num_classes, macs = macs_cache[key]
-        costs.append(RunCost(
-            run=job.run.name, arch=model["arch"], net_kwargs=net_kwargs, num_classes=num_classes, image_size=size,
-            batch=int(data.get("batch_size", 64)), devices=res["devices"] * res["nodes"],
-            iterations=int(trainer.get("max_steps", 0)), seeds=seeds,
-            precision=str(trainer.get("precision", "32")).replace("-true", ""),
-            channels_last=bool(model.get("channels_last", False)), macs=macs))
+        costs.append(
+            RunCost(
+                run=job.run.name,
+                arch=model["arch"],
+                net_kwargs=net_kwargs,
+                num_classes=num_classes,
+                image_size=size,
+                batch=int(data.get("batch_size", 64)),
+                devices=res["devices"] * res["nodes"],
+                iterations=int(trainer.get("max_steps", 0)),
+                seeds=seeds,
+                precision=str(trainer.get("precision", "32")).replace("-true", ""),
+                channels_last=bool(model.get("channels_last", False)),
+                macs=macs,
+            )
+        )
     return costs
 
 
@@ -100,14 +124,27 @@ def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = Non
     cache = {} if cache is None else cache
     for cost in costs:
         if cost.measure_key not in cache:
-            blocks, _ = train_step_times(cost.arch, batch_size=cost.batch, input_size=cost.image_size,
-                                         num_classes=cost.num_classes, device=device, model_kwargs=cost.net_kwargs,
-                                         precision=cost.precision, channels_last=cost.channels_last,
-                                         warmup=2, blocks=max(1, steps // 2), steps_per_block=2)
+            blocks, _ = train_step_times(
+                cost.arch,
+                batch_size=cost.batch,
+                input_size=cost.image_size,
+                num_classes=cost.num_classes,
+                device=device,
+                model_kwargs=cost.net_kwargs,
+                precision=cost.precision,
+                channels_last=cost.channels_last,
+                warmup=2,
+                blocks=max(1, steps // 2),
+                steps_per_block=2,
+            )
             cache[cost.measure_key] = statistics.median(blocks)
-            print(f"measured {cost.run} ({cost.arch}, batch {cost.batch}, {cost.image_size}px, {cost.precision}"
-                  f"{', channels_last' if cost.channels_last else ''}): {1e3 * cache[cost.measure_key]:,.0f} ms/step",
-                  file=sys.stderr, flush=True)
+            print(
+                f"measured {cost.run} ({cost.arch}, batch {cost.batch}, {cost.image_size}px, {cost.precision}"
+                f"{', channels_last' if cost.channels_last else ''}): "
+                f"{1e3 * cache[cost.measure_key]:,.0f} ms/step",
+                file=sys.stderr,
+                flush=True,
+            )
         cost.step_s = cache[cost.measure_key]
 
 
@@ -131,8 +168,14 @@ def _hours(hours: float) -> str:
     return f"{hours:,.0f}" if hours >= 100 else f"{hours:,.2f}" if hours < 1 else f"{hours:,.1f}"
 
 
-def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, steps: int = 6,
-         extra: list[str] | None = None) -> str:
+def plan(
+    suite: Suite,
+    budget: str,
+    seeds: list[int],
+    measure: bool = False,
+    steps: int = 6,
+    extra: list[str] | None = None,
+) -> str:
     """A markdown table: per run, its network, iterations, global batch, devices, images, training PFLOP
     and, with `measure`, the step time on one device of this machine and the device-hours of all its seeds."""
     costs = run_costs(suite, budget, seeds=len(seeds), extra=extra)
@@ -143,21 +186,41 @@ def plan(suite: Suite, budget: str, seeds: list[int], measure: bool = False, ste
         header += ["step ms (one device)", "device-hours"]
     rows = []
     for c in costs:
-        row = [c.run, c.arch, f"{c.iterations:,}", str(c.batch * c.devices), str(c.devices), str(c.seeds),
-               f"{c.images:,}", _pflop(c.train_flop)]
+        row = [
+            c.run,
+            c.arch,
+            f"{c.iterations:,}",
+            str(c.batch * c.devices),
+            str(c.devices),
+            str(c.seeds),
+            f"{c.images:,}",
+            _pflop(c.train_flop),
+        ]
         if measure:
             row += [f"{1e3 * c.step_s:,.0f}", _hours(c.device_hours)]
         rows.append(row)
-    lines = [f"{suite.name} under budget '{budget}': {len(costs)} runs x {len(seeds)} seed(s)", "", *markdown_lines(header, rows)]
+    lines = [
+        f"{suite.name} under budget '{budget}': {len(costs)} runs x {len(seeds)} seed(s)",
+        "",
+        *markdown_lines(header, rows),
+    ]
     total = f"total: {_pflop(sum(c.train_flop for c in costs))} PFLOP of training"
     if measure:
-        total += (f", {_hours(sum(c.device_hours for c in costs))} device-hours ({device_label()}; step times "
-                  "measured with synthetic batches, data loading and validation excluded)")
+        total += (
+            f", {_hours(sum(c.device_hours for c in costs))} device-hours ({device_label()}; step times "
+            "measured with synthetic batches, data loading and validation excluded)"
+        )
     return "\n".join(lines + ["", total])
 
 
-def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: int = 6,
-             suites: list[str] | None = None, extra: list[str] | None = None) -> str:
+def plan_all(
+    budgets: list[str],
+    seeds: int = 1,
+    measure: bool = False,
+    steps: int = 6,
+    suites: list[str] | None = None,
+    extra: list[str] | None = None,
+) -> str:
     """One markdown table over every suite and budget: runs, iterations per run, images, training PFLOP
     and, with `measure`, device-hours on this machine (each network and recipe measured once)."""
     macs_cache: dict = {}
@@ -171,17 +234,24 @@ def plan_all(budgets: list[str], seeds: int = 1, measure: bool = False, steps: i
         for budget in budgets:
             costs = run_costs(suite, budget, seeds=seeds, macs_cache=macs_cache, extra=extra)
             iterations = sorted({c.iterations for c in costs})
-            row = [name + (f" ({', '.join(suite.aliases)})" if suite.aliases else ""), budget,
-                   f"{len(costs)} x {seeds}" if seeds > 1 else str(len(costs)),
-                   " / ".join(f"{i:,}" for i in iterations), f"{sum(c.images for c in costs):,}",
-                   _pflop(sum(c.train_flop for c in costs))]
+            row = [
+                name + (f" ({', '.join(suite.aliases)})" if suite.aliases else ""),
+                budget,
+                f"{len(costs)} x {seeds}" if seeds > 1 else str(len(costs)),
+                " / ".join(f"{i:,}" for i in iterations),
+                f"{sum(c.images for c in costs):,}",
+                _pflop(sum(c.train_flop for c in costs)),
+            ]
             if measure:
                 measure_steps(costs, steps, step_cache)
                 row.append(_hours(sum(c.device_hours for c in costs)))
             rows.append(row)
     lines = markdown_lines(header, rows)
     if measure:
-        lines += ["", f"device-hours on {device_label()}: each network's training step measured with its budget's "
-                      "per-device batch, precision and memory format, synthetic batches; data loading and "
-                      "validation excluded"]
+        lines += [
+            "",
+            f"device-hours on {device_label()}: each network's training step measured with its budget's "
+            "per-device batch, precision and memory format, synthetic batches; data loading and "
+            "validation excluded",
+        ]
     return "\n".join(lines)

@@ -94,8 +94,11 @@ def collect(suite: Suite, budget: str, root: Path, seeds: list[int] | None = Non
             elif cell.values:
                 cell.status = "partial"
             elif states:
-                cell.status = next(s for s in states if s != "missing") if any(s != "missing" for s in states) \
+                cell.status = (
+                    next(s for s in states if s != "missing")
+                    if any(s != "missing" for s in states)
                     else "missing"
+                )
             cells.append(cell)
     return cells
 
@@ -109,28 +112,50 @@ def _fmt(value: float | None, signed: bool = False) -> str:
 def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
     """Rows are the suite's row factor; each column factor value (and each metric) gives measured, paper and
     difference columns."""
-    columns = sorted({str(c.run.factors.get(suite.columns, "")) for c in cells}, key=_natural) if suite.columns \
+    columns = (
+        sorted({str(c.run.factors.get(suite.columns, "")) for c in cells}, key=_natural)
+        if suite.columns
         else [""]
+    )
     rows = sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
     header = [suite.rows]
     for col in columns:
         for metric in suite.metrics:
-            prefix = " ".join(x for x in (f"{suite.columns}={col}" if suite.columns else "",
-                                          metric if len(suite.metrics) > 1 else "") if x)
+            prefix = " ".join(
+                x
+                for x in (
+                    f"{suite.columns}={col}" if suite.columns else "",
+                    metric if len(suite.metrics) > 1 else "",
+                )
+                if x
+            )
             header += [f"{prefix} measured".strip(), f"{prefix} paper".strip(), f"{prefix} diff".strip()]
-    lines = [f"### {suite.title}", "",
-             f"{suite.paper_ref}; {suite.metric_label}; budget `{budget}`"
-             f"{'; ' + suite.note if suite.note else ''}", ""]
-    index = {(str(c.run.factors.get(suite.rows)), str(c.run.factors.get(suite.columns, "")) if suite.columns
-              else "", c.metric): c for c in cells}
+    lines = [
+        f"### {suite.title}",
+        "",
+        f"{suite.paper_ref}; {suite.metric_label}; budget `{budget}`"
+        f"{'; ' + suite.note if suite.note else ''}",
+        "",
+    ]
+    index = {
+        (
+            str(c.run.factors.get(suite.rows)),
+            str(c.run.factors.get(suite.columns, "")) if suite.columns else "",
+            c.metric,
+        ): c
+        for c in cells
+    }
     table = []
     for row in rows:
         line = [row]
         for col in columns:
             for metric in suite.metrics:
                 cell = index.get((row, col, metric))
-                line += ["-", "-", "-"] if cell is None else [cell.measured_text(), _fmt(cell.paper),
-                                                              _fmt(cell.diff, signed=True)]
+                line += (
+                    ["-", "-", "-"]
+                    if cell is None
+                    else [cell.measured_text(), _fmt(cell.paper), _fmt(cell.diff, signed=True)]
+                )
         table.append(line)
     return "\n".join(lines + markdown_lines(header, table)) + "\n"
 
@@ -142,19 +167,47 @@ def _natural(value: str):
 def write_csv(path: Path, suite: Suite, budget: str, cells: list[Cell]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["suite", "budget", "run", *sorted({k for c in cells for k in c.run.factors}), "metric",
-                         "status", "seeds", "n", "mean", "std", "paper", "diff"])
+        writer.writerow(
+            [
+                "suite",
+                "budget",
+                "run",
+                *sorted({k for c in cells for k in c.run.factors}),
+                "metric",
+                "status",
+                "seeds",
+                "n",
+                "mean",
+                "std",
+                "paper",
+                "diff",
+            ]
+        )
         factor_keys = sorted({k for c in cells for k in c.run.factors})
         for c in cells:
-            writer.writerow([suite.name, budget, c.run.name, *[c.run.factors.get(k, "") for k in factor_keys],
-                             c.metric, c.status, " ".join(map(str, c.seeds)), len(c.values),
-                             "" if c.mean is None else f"{c.mean:.4f}", "" if c.std is None else f"{c.std:.4f}",
-                             "" if c.paper is None else c.paper, "" if c.diff is None else f"{c.diff:.4f}"])
+            writer.writerow(
+                [
+                    suite.name,
+                    budget,
+                    c.run.name,
+                    *[c.run.factors.get(k, "") for k in factor_keys],
+                    c.metric,
+                    c.status,
+                    " ".join(map(str, c.seeds)),
+                    len(c.values),
+                    "" if c.mean is None else f"{c.mean:.4f}",
+                    "" if c.std is None else f"{c.std:.4f}",
+                    "" if c.paper is None else c.paper,
+                    "" if c.diff is None else f"{c.diff:.4f}",
+                ]
+            )
 
 
-def report(suite: Suite, budget: str, root: Path, out_dir: Path | None = None,
-           seeds: list[int] | None = None) -> tuple[str, Path, Path]:
-    """Build the suite's tables; write `<out>/<suite>-<budget>.md` and `.csv`; return the markdown and paths."""
+def report(
+    suite: Suite, budget: str, root: Path, out_dir: Path | None = None, seeds: list[int] | None = None
+) -> tuple[str, Path, Path]:
+    """Build the suite's tables; write `<out>/<suite>-<budget>.md` and `.csv`; return the markdown and
+    paths."""
     cells = collect(suite, budget, root, seeds)
     text = markdown_table(suite, budget, cells)
     out_dir = out_dir or root / suite.name / budget

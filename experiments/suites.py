@@ -60,7 +60,9 @@ class Suite:
         for run in self.runs:
             if run.name == name:
                 return run
-        raise SuiteError(f"suite {self.name!r} has no run {name!r}; its runs: {', '.join(r.name for r in self.runs)}")
+        raise SuiteError(
+            f"suite {self.name!r} has no run {name!r}; its runs: {', '.join(r.name for r in self.runs)}"
+        )
 
 
 def suite_names() -> list[str]:
@@ -92,7 +94,16 @@ def _parse(name: str, spec: dict[str, Any]) -> Suite:
         if paper is not None and not isinstance(paper, dict):
             paper = {metrics[0]: paper}
         runs.append(Run(run_name, config, dict(entry.get("factors") or {}), dict(paper or {})))
-    return Suite(name=name, title=spec["title"], paper_ref=str(spec.get("paper_ref", "")), metrics=tuple(metrics),
-                 metric_label=spec.get("metric_label", metrics[0]), rows=spec["rows"], columns=spec.get("columns"),
-                 budget_family=spec["budget_family"], runs=tuple(runs), aliases=tuple(spec.get("aliases") or ()),
-                 note=spec.get("note", ""))
+    return Suite(
+        name=name,
+        title=spec["title"],
+        paper_ref=str(spec.get("paper_ref", "")),
+        metrics=tuple(metrics),
+        metric_label=spec.get("metric_label", metrics[0]),
+        rows=spec["rows"],
+        columns=spec.get("columns"),
+        budget_family=spec["budget_family"],
+        runs=tuple(runs),
+        aliases=tuple(spec.get("aliases") or ()),
+        note=spec.get("note", ""),
+    )

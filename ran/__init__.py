@@ -7,6 +7,14 @@ from ran.registry import create_model, list_models, model_entrypoint, register_m
 __version__ = "0.1.0"
 
 __all__ = [
-    "ATTENTIONS", "LEARNINGS", "MASKS", "AttentionModule", "PreActBottleneck", "ResidualAttentionNet",
-    "create_model", "list_models", "model_entrypoint", "register_model",
+    "ATTENTIONS",
+    "LEARNINGS",
+    "MASKS",
+    "AttentionModule",
+    "PreActBottleneck",
+    "ResidualAttentionNet",
+    "create_model",
+    "list_models",
+    "model_entrypoint",
+    "register_model",
 ]

@@ -19,8 +19,8 @@ import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 32 * 2 ** 20  # glibc's largest: blocks up to 32 MiB come from the heap and are reused
-TRIM_THRESHOLD = 2 ** 30  # free memory at the heap's top is returned to the kernel only past 1 GiB
+MMAP_THRESHOLD = 32 * 2**20  # glibc's largest: blocks up to 32 MiB come from the heap and are reused
+TRIM_THRESHOLD = 2**30  # free memory at the heap's top is returned to the kernel only past 1 GiB
 
 _applied: bool | None = None
 
@@ -41,5 +41,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    _applied = (
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    )
     return _applied

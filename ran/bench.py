@@ -24,8 +24,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -47,8 +48,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_blocks(step: Callable[[], Any], *, warmup: int, blocks: int, steps_per_block: int,
-                 device: torch.device) -> list[float]:
+def timed_blocks(
+    step: Callable[[], Any], *, warmup: int, blocks: int, steps_per_block: int, device: torch.device
+) -> list[float]:
     """Seconds per step of each timed block, after `warmup` untimed steps."""
     for _ in range(warmup):
         step()
@@ -69,16 +71,21 @@ def gemm_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: in
 
     `mm` is torch.mm (MKL or OpenBLAS on a CPU, cuBLAS on a GPU). On a CPU the convolutions run in oneDNN,
     whose GEMM can be much faster than the BLAS's (on AMD processors MKL's fp32 GEMM reaches about half of
-    oneDNN's), so the same product is also timed as a 1x1 convolution over an n-channel (n/32 x 32) channels_last
-    image: oneDNN's GEMM. Model-FLOP utilisation is taken against the best, the machine's real limit.
+    oneDNN's), so the same product is also timed as a 1x1 convolution over an n-channel (n/32 x 32)
+    channels_last image: oneDNN's GEMM. Model-FLOP utilisation is taken against the best, the machine's
+    real limit.
     """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     times = timed_blocks(lambda: torch.mm(a, b), warmup=3, blocks=reps, steps_per_block=1, device=device)
-    result = {"mm": 2 * n ** 3 / statistics.median(times)}
+    result = {"mm": 2 * n**3 / statistics.median(times)}
     if device.type == "cpu":
-        conv = torch.nn.Conv2d(n, n, 1, bias=False).to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        x = torch.randn(1, n, max(1, n // 32), 32, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        conv = torch.nn.Conv2d(n, n, 1, bias=False).to(
+            device=device, dtype=dtype, memory_format=torch.channels_last
+        )
+        x = torch.randn(1, n, max(1, n // 32), 32, device=device, dtype=dtype).to(
+            memory_format=torch.channels_last
+        )
         with torch.no_grad():
             times = timed_blocks(lambda: conv(x), warmup=3, blocks=reps, steps_per_block=1, device=device)
         result["onednn"] = 2 * n * n * x.shape[2] * x.shape[3] / statistics.median(times)
@@ -89,7 +96,7 @@ def gemm_flops(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: in
 def peak_memory_mb(device: torch.device) -> float:
     """Peak device memory allocated by torch (CUDA), or the process's peak resident set size (CPU)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -100,8 +107,9 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def measure_inference(net: torch.nn.Module, x: torch.Tensor, precision: str, *, warmup: int, blocks: int,
-                      steps_per_block: int) -> list[float]:
+def measure_inference(
+    net: torch.nn.Module, x: torch.Tensor, precision: str, *, warmup: int, blocks: int, steps_per_block: int
+) -> list[float]:
     net.eval()
 
     def step() -> None:
@@ -134,31 +142,61 @@ class _StepTimer:
         return StepTimer()
 
 
-def _repeat_batch(batch: tuple[torch.Tensor, torch.Tensor], n: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _repeat_batch(
+    batch: tuple[torch.Tensor, torch.Tensor], n: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for _ in range(n):
         yield batch
 
 
-def timed_fit(module: Any, device: torch.device, precision: str, limits: dict[str, int], callbacks: tuple = (),
-              **fit_kwargs: Any):
+def timed_fit(
+    module: Any,
+    device: torch.device,
+    precision: str,
+    limits: dict[str, int],
+    callbacks: tuple = (),
+    **fit_kwargs: Any,
+):
     """Fit `module` on one device with nothing but a step timer (no logger, checkpoint, progress bar or
     validation); returns the timer, whose `starts` hold every step's start and the end of training."""
     import pytorch_lightning as pl
 
     timer = _StepTimer(device)
-    trainer = pl.Trainer(accelerator=device.type, devices=1, precision=precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer, *callbacks], **limits)
+    trainer = pl.Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[timer, *callbacks],
+        **limits,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, **fit_kwargs)
     return timer
 
 
-def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes: int, device: torch.device,
-                     precision: str = "32", channels_last: bool = False, compile: bool = False,
-                     model_kwargs: dict[str, Any] | None = None, warmup: int = 3, blocks: int = 5,
-                     steps_per_block: int = 3, callbacks: tuple = ()) -> tuple[list[float], Any]:
+def train_step_times(
+    arch: str,
+    *,
+    batch_size: int,
+    input_size: int,
+    num_classes: int,
+    device: torch.device,
+    precision: str = "32",
+    channels_last: bool = False,
+    compile: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    warmup: int = 3,
+    blocks: int = 5,
+    steps_per_block: int = 3,
+    callbacks: tuple = (),
+) -> tuple[list[float], Any]:
     """Seconds per training step, per timed block, of the real LightningModule under a real Trainer.
 
     The batch is made once on the device and fed again every step, so this is the network's step time
@@ -167,56 +205,95 @@ def train_step_times(arch: str, *, batch_size: int, input_size: int, num_classes
     from ran.module import ImageClassifier
 
     options = {"channels_last": channels_last, "compile": compile}
-    module = ImageClassifier(arch=arch, num_classes=num_classes, milestones=(10 ** 9,), model_kwargs=model_kwargs,
-                             **{k: v for k, v in options.items() if v})
+    module = ImageClassifier(
+        arch=arch,
+        num_classes=num_classes,
+        milestones=(10**9,),
+        model_kwargs=model_kwargs,
+        **{k: v for k, v in options.items() if v},
+    )
     steps = warmup + blocks * steps_per_block
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
     loader = torch.utils.data.DataLoader(list(_repeat_batch((x, y), steps)), batch_size=None)
     timer = timed_fit(module, device, precision, {"max_steps": steps}, callbacks, train_dataloaders=loader)
     step_times = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup:]
-    block_times = [sum(step_times[i:i + steps_per_block]) / steps_per_block
-                   for i in range(0, len(step_times) - steps_per_block + 1, steps_per_block)]
+    block_times = [
+        sum(step_times[i : i + steps_per_block]) / steps_per_block
+        for i in range(0, len(step_times) - steps_per_block + 1, steps_per_block)
+    ]
     return block_times, module
 
 
-def profile_training(args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int,
-                     steps: int = 3) -> tuple[str, list[dict[str, Any]]]:
+def profile_training(
+    args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int, steps: int = 3
+) -> tuple[str, list[dict[str, Any]]]:
     """torch.profiler over `steps` training steps of the real module (after warm-up): the table of the top
     `args.profile` operators by self time, and the same rows as dicts (op, self ms per step, share)."""
     import pytorch_lightning as pl
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = device.type == "cuda"
-    prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
-                   schedule=schedule(wait=args.warmup, warmup=1, active=steps))
+    prof = profile(
+        activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+        schedule=schedule(wait=args.warmup, warmup=1, active=steps),
+    )
 
     class ProfilerStep(pl.Callback):
         def on_train_batch_end(self, *_: Any) -> None:
             prof.step()
 
     with prof:
-        bench_steps(args, device, input_size, num_classes, warmup=args.warmup + 1, blocks=1, steps_per_block=steps,
-                    callbacks=(ProfilerStep(),))
+        bench_steps(
+            args,
+            device,
+            input_size,
+            num_classes,
+            warmup=args.warmup + 1,
+            blocks=1,
+            steps_per_block=steps,
+            callbacks=(ProfilerStep(),),
+        )
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
-    rows = [{"op": e.key, "self_ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total,
-             "calls_per_step": e.count / steps} for e in events[:args.profile]]
-    lines = [f"top {args.profile} operators by self {'device' if cuda else 'CPU'} time, per training step:",
-             f"{'operator':48s} {'ms':>9s} {'share':>7s} {'calls':>7s}"]
-    lines += [f"{r['op'][:48]:48s} {r['self_ms_per_step']:9.2f} {100 * r['share']:6.1f}% {r['calls_per_step']:7.0f}"
-              for r in rows]
+    rows = [
+        {
+            "op": e.key,
+            "self_ms_per_step": getattr(e, key) / 1e3 / steps,
+            "share": getattr(e, key) / total,
+            "calls_per_step": e.count / steps,
+        }
+        for e in events[: args.profile]
+    ]
+    lines = [
+        f"top {args.profile} operators by self {'device' if cuda else 'CPU'} time, per training step:",
+        f"{'operator':48s} {'ms':>9s} {'share':>7s} {'calls':>7s}",
+    ]
+    lines += [
+        f"{r['op'][:48]:48s} {r['self_ms_per_step']:9.2f} {100 * r['share']:6.1f}% {r['calls_per_step']:7.0f}"
+        for r in rows
+    ]
     return "\n".join(lines), rows
 
 
-def bench_steps(args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int,
-                **override: Any) -> tuple[list[float], Any]:
+def bench_steps(
+    args: argparse.Namespace, device: torch.device, input_size: int, num_classes: int, **override: Any
+) -> tuple[list[float], Any]:
     """`train_step_times` with the benchmark's command-line settings (`override` replaces any of them)."""
-    settings = dict(batch_size=args.batch_size, input_size=input_size, num_classes=num_classes, device=device,
-                    precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-                    model_kwargs=args.model_kwargs, warmup=args.warmup, blocks=args.blocks,
-                    steps_per_block=args.steps_per_block)
+    settings = dict(
+        batch_size=args.batch_size,
+        input_size=input_size,
+        num_classes=num_classes,
+        device=device,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        model_kwargs=args.model_kwargs,
+        warmup=args.warmup,
+        blocks=args.blocks,
+        steps_per_block=args.steps_per_block,
+    )
     return train_step_times(args.model, **{**settings, **override})
 
 
@@ -230,9 +307,13 @@ def measure_epoch(args: argparse.Namespace, device: torch.device) -> dict[str, A
     dm = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=args.val_size)
     dm.setup("fit")
     steps = len(dm.train_dataloader())
-    module = ImageClassifier(arch=args.model, num_classes=10, milestones=(10 ** 9,), model_kwargs=args.model_kwargs,
-                             **{k: v for k, v in (("channels_last", args.channels_last), ("compile", args.compile))
-                                if v})
+    module = ImageClassifier(
+        arch=args.model,
+        num_classes=10,
+        milestones=(10**9,),
+        model_kwargs=args.model_kwargs,
+        **{k: v for k, v in (("channels_last", args.channels_last), ("compile", args.compile)) if v},
+    )
     timer = timed_fit(module, device, args.precision, {"max_epochs": 1}, datamodule=dm)
     epoch_s = timer.starts[-1] - timer.starts[0]
     images = len(dm.train_dataset)
@@ -252,7 +333,8 @@ def measure_data(args: argparse.Namespace, device: torch.device) -> dict[str, An
         else:  # synthetic: 50,000 random uint8 images in the same in-memory layout
             dm = CIFAR10DataModule(batch_size=args.batch_size, val_size=0)
             dm.train_dataset = InMemoryImageDataset(
-                torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50_000,)))
+                torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (50_000,))
+            )
     else:
         if not args.data_dir:
             raise SystemExit("ran.bench: --data imagenet needs --data-dir (a folder with train/ and val/)")
@@ -273,15 +355,27 @@ def measure_data(args: argparse.Namespace, device: torch.device) -> dict[str, An
         if images >= args.data_images:
             break
     seconds = time.perf_counter() - start
-    return {"data": args.data, "data_img_s": images / seconds, "data_images": images,
-            "data_workers": args.workers if args.data == "imagenet" else 0}
+    return {
+        "data": args.data,
+        "data_img_s": images / seconds,
+        "data_images": images,
+        "data_workers": args.workers if args.data == "imagenet" else 0,
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ran.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="attention92_cifar", choices=list_models(), metavar="NAME",
-                   help="a registered model (default attention92_cifar)")
+    p = argparse.ArgumentParser(
+        prog="python -m ran.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        default="attention92_cifar",
+        choices=list_models(),
+        metavar="NAME",
+        help="a registered model (default attention92_cifar)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="32", choices=PRECISIONS)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
@@ -289,23 +383,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--input-size", type=int, help="default: the model's own (32 CIFAR, 224 ImageNet)")
     p.add_argument("--num-classes", type=int, help="default: the model's own")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
-                   help='other model arguments, e.g. \'{"stage_widths": [16, 32, 64], "mask": "cbam"}\'')
+    p.add_argument(
+        "--model-kwargs",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='other model arguments, e.g. \'{"stage_widths": [16, 32, 64], "mask": "cbam"}\'',
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--blocks", type=int, default=5, help="timed blocks; the median is reported")
     p.add_argument("--steps-per-block", type=int, default=3)
     p.add_argument("--gemm-size", type=int, default=2048)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--data", choices=("cifar10", "imagenet"), help="measure the data pipeline alone")
-    p.add_argument("--data-dir", help="with --data: the dataset's folder (CIFAR default: synthetic in memory)")
+    p.add_argument(
+        "--data-dir", help="with --data: the dataset's folder (CIFAR default: synthetic in memory)"
+    )
     p.add_argument("--data-images", type=int, default=20_000, help="with --data: images to time")
     p.add_argument("--workers", type=int, default=2, help="with --data imagenet: loader worker processes")
-    p.add_argument("--epoch", action="store_true",
-                   help="also train one whole epoch of the real CIFAR-10 in --data-dir through the datamodule and "
-                        "compare it with the pure network step time")
-    p.add_argument("--val-size", type=int, default=5000, help="with --epoch: images held out (the recipe's 5,000)")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="also profile three training steps with torch.profiler and print the top N operators")
+    p.add_argument(
+        "--epoch",
+        action="store_true",
+        help="also train one whole epoch of the real CIFAR-10 in --data-dir through the datamodule and "
+        "compare it with the pure network step time",
+    )
+    p.add_argument(
+        "--val-size", type=int, default=5000, help="with --epoch: images held out (the recipe's 5,000)"
+    )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile three training steps with torch.profiler and print the top N operators",
+    )
     return p.parse_args(argv)
 
 
@@ -315,20 +426,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    result: dict[str, Any] = {"device": str(device), "threads": torch.get_num_threads(),
-                              "torch": torch.__version__, "batch_size": args.batch_size}
+    result: dict[str, Any] = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+    }
     if args.data:
         result.update(measure_data(args, device))
-        print(f"data pipeline ({args.data}): {result['data_img_s']:.0f} images/s "
-              f"over {result['data_images']} images at batch {args.batch_size}")
+        print(
+            f"data pipeline ({args.data}): {result['data_img_s']:.0f} images/s "
+            f"over {result['data_images']} images at batch {args.batch_size}"
+        )
         print(json.dumps(result))
         return result
 
-    net = create_model(args.model, **args.model_kwargs, **({"num_classes": args.num_classes} if args.num_classes else {}))
+    net = create_model(
+        args.model, **args.model_kwargs, **({"num_classes": args.num_classes} if args.num_classes else {})
+    )
     size = args.input_size or net.default_input_size
     macs = count_macs(net, size)
-    result.update(model=args.model, model_kwargs=args.model_kwargs, input_size=size, precision=args.precision, channels_last=args.channels_last,
-                  compile=args.compile, fwd_macs=macs, fwd_gflops=2 * macs / 1e9)
+    result.update(
+        model=args.model,
+        model_kwargs=args.model_kwargs,
+        input_size=size,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        fwd_macs=macs,
+        fwd_gflops=2 * macs / 1e9,
+    )
     print(f"{args.model}: {macs / 1e9:.3f} G multiply-adds per {size}x{size} image forward")
 
     gemm = {}
@@ -337,16 +464,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         gemm[key] = by_library.pop("best")
         result[f"gemm_{key}_gflops"] = gemm[key] / 1e9
         result.update({f"gemm_{key}_{lib}_gflops": v / 1e9 for lib, v in by_library.items()})
-        print(f"GEMM {args.gemm_size}^3 {key}: {gemm[key] / 1e9:.1f} GFLOP/s ("
-              + ", ".join(f"{lib} {v / 1e9:.1f}" for lib, v in by_library.items()) + ")")
+        print(
+            f"GEMM {args.gemm_size}^3 {key}: {gemm[key] / 1e9:.1f} GFLOP/s ("
+            + ", ".join(f"{lib} {v / 1e9:.1f}" for lib, v in by_library.items())
+            + ")"
+        )
 
     blocks, module = bench_steps(args, device, size, net.num_classes)
     train_img_s = args.batch_size / statistics.median(blocks)
     peak = peak_memory_mb(device)
     key = "bf16" if args.precision == "bf16-mixed" else "fp32" if args.precision == "32" else "fp16"
     ref = gemm.get(key)
-    result.update(train_img_s=train_img_s, train_step_ms=1e3 * statistics.median(blocks),
-                  train_step_ms_blocks=[round(1e3 * b, 2) for b in blocks], peak_memory_mb=peak)
+    result.update(
+        train_img_s=train_img_s,
+        train_step_ms=1e3 * statistics.median(blocks),
+        train_step_ms_blocks=[round(1e3 * b, 2) for b in blocks],
+        peak_memory_mb=peak,
+    )
     line = f"train: {train_img_s:.1f} images/s ({1e3 * statistics.median(blocks):.1f} ms/step)"
     if ref:
         mfu = 3 * 2 * macs * train_img_s / ref
@@ -358,17 +492,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = torch.randn(args.batch_size, 3, size, size, device=device)
     if args.channels_last:
         x = x.to(memory_format=torch.channels_last)
-    times = measure_inference(net.to(device), x, args.precision, warmup=args.warmup, blocks=args.blocks,
-                              steps_per_block=args.steps_per_block)
+    times = measure_inference(
+        net.to(device),
+        x,
+        args.precision,
+        warmup=args.warmup,
+        blocks=args.blocks,
+        steps_per_block=args.steps_per_block,
+    )
     result["infer_img_s"] = args.batch_size / statistics.median(times)
     if ref:
         result[f"mfu_infer_{key}"] = 2 * macs * result["infer_img_s"] / ref
-    print(f"inference: {result['infer_img_s']:.1f} images/s; peak memory {peak:.0f} MB "
-          f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    print(
+        f"inference: {result['infer_img_s']:.1f} images/s; peak memory {peak:.0f} MB "
+        f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})"
+    )
     if args.profile:
         table, rows = profile_training(args, device, size, net.num_classes)
-        result["profile"] = [{**r, "self_ms_per_step": round(r["self_ms_per_step"], 3), "share": round(r["share"], 4)}
-                             for r in rows]
+        result["profile"] = [
+            {**r, "self_ms_per_step": round(r["self_ms_per_step"], 3), "share": round(r["share"], 4)}
+            for r in rows
+        ]
         print(table)
     if args.epoch:
         if not args.data_dir:
@@ -380,8 +524,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_s = min(statistics.median(blocks), statistics.median(again))
         result["epoch_pure_step_ms"] = 1e3 * step_s
         result["epoch_over_pure_steps"] = result["epoch_s"] / (result["epoch_steps"] * step_s)
-        print(f"epoch: {result['epoch_images']} images in {result['epoch_s']:.1f} s ({result['epoch_img_s']:.1f} "
-              f"images/s), {result['epoch_over_pure_steps']:.3f}x the pure network step time")
+        print(
+            f"epoch: {result['epoch_images']} images in {result['epoch_s']:.1f} s "
+            f"({result['epoch_img_s']:.1f} "
+            f"images/s), {result['epoch_over_pure_steps']:.3f}x the pure network step time"
+        )
     print(json.dumps(result))
     return result
 

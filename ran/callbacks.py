@@ -15,8 +15,14 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_warn
 
-__all__ = ["PredictionWriter", "RNGStateCallback", "StepProgressBar", "ValidateAtMaxSteps",
-           "collect_rng_states", "set_rng_states"]
+__all__ = [
+    "PredictionWriter",
+    "RNGStateCallback",
+    "StepProgressBar",
+    "ValidateAtMaxSteps",
+    "collect_rng_states",
+    "set_rng_states",
+]
 
 
 def collect_rng_states() -> dict[str, Any]:
@@ -26,8 +32,12 @@ def collect_rng_states() -> dict[str, Any]:
     py_state = random.getstate()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64)},
     }
     if torch.cuda.is_available():
@@ -39,8 +49,9 @@ def set_rng_states(states: dict[str, Any]) -> None:
     """Restore states saved by `collect_rng_states`."""
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     random.setstate((states["python"]["version"], tuple(states["python"]["state"].tolist()), None))
     if "torch.cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["torch.cuda"])
@@ -58,8 +69,9 @@ class RNGStateCallback(pl.Callback):
 
     key = "rng_states"
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         mine = collect_rng_states()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: list[Any] = [None] * dist.get_world_size()
@@ -68,15 +80,18 @@ class RNGStateCallback(pl.Callback):
             gathered = [mine]
         checkpoint[self.key] = gathered
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = checkpoint.get(self.key)
         if not saved:
             rank_zero_warn("the checkpoint holds no RNG states: random streams restart from the seed")
             return
         if len(saved) != trainer.world_size:
-            rank_zero_warn(f"the checkpoint holds RNG states of {len(saved)} processes, this run has "
-                           f"{trainer.world_size}: rank r restores entry r modulo {len(saved)}")
+            rank_zero_warn(
+                f"the checkpoint holds RNG states of {len(saved)} processes, this run has "
+                f"{trainer.world_size}: rank r restores entry r modulo {len(saved)}"
+            )
         set_rng_states(saved[trainer.global_rank % len(saved)])
 
 
@@ -89,8 +104,9 @@ class ValidateAtMaxSteps(pl.Callback):
     stops, as it does for early stopping.
     """
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if 0 < trainer.max_steps <= trainer.global_step:
             trainer.should_stop = True
 
@@ -103,8 +119,9 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
 
-    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any,
-                           batch_indices: Any) -> None:
+    def write_on_epoch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         probs = torch.cat([p.cpu() for p in batches]) if batches else torch.empty(0, pl_module.num_classes)
         name = "predictions.pt" if trainer.world_size == 1 else f"predictions_rank{trainer.global_rank}.pt"

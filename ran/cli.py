@@ -52,8 +52,16 @@ from ran.results import ResultsWriter
 BASE_KEY = "__base__"
 WANDB_ID_FILE = "wandb_run_id"
 
-__all__ = ["BASE_KEY", "ConfigError", "RanCLI", "RunConfig", "is_launch_rank_zero", "load_config", "main",
-           "wandb_mode"]
+__all__ = [
+    "BASE_KEY",
+    "ConfigError",
+    "RanCLI",
+    "RunConfig",
+    "is_launch_rank_zero",
+    "load_config",
+    "main",
+    "wandb_mode",
+]
 
 
 class ConfigError(Exception):
@@ -61,6 +69,7 @@ class ConfigError(Exception):
 
 
 # --- config inheritance ------------------------------------------------------------------------------------
+
 
 def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` merged onto `base` (see the module docstring for the rules); neither is modified."""
@@ -128,6 +137,7 @@ def _has_base(path: Path) -> bool:
 
 
 # --- runs --------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunConfig:
@@ -213,13 +223,20 @@ def _hpc_checkpoints(run_dir: Path) -> list[Path]:
 
 # --- the CLI -----------------------------------------------------------------------------------------------
 
+
 class SaveRunConfig(SaveConfigCallback):
     """Writes the resolved config into the run directory (`config.yaml` for fit, `config_<stage>.yaml`
     otherwise) with the W&B run id, and sends it to every logger as hyperparameters (the W&B run config), on
     rank 0, once the data is set up."""
 
-    def __init__(self, parser: LightningArgumentParser, config: Any, run_dir: str,
-                 wandb_id: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        parser: LightningArgumentParser,
+        config: Any,
+        run_dir: str,
+        wandb_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(parser, config, overwrite=True, save_to_log_dir=False, **kwargs)
         self.run_dir = Path(run_dir)
         self.wandb_id = wandb_id
@@ -251,9 +268,17 @@ class RanCLI(LightningCLI):
     learning-rate monitor. See the module docstring of `ran.cli`."""
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
-        super().__init__(ImageClassifier, pl.LightningDataModule, subclass_mode_data=True,
-                         save_config_callback=SaveRunConfig, auto_configure_optimizers=False,
-                         parser_class=RanArgumentParser, parser_kwargs={"prog": "ran"}, args=args, **kwargs)
+        super().__init__(
+            ImageClassifier,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig,
+            auto_configure_optimizers=False,
+            parser_class=RanArgumentParser,
+            parser_kwargs={"prog": "ran"},
+            args=args,
+            **kwargs,
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunConfig, "run")
@@ -268,14 +293,18 @@ class RanCLI(LightningCLI):
 
     def _prepare_run(self, subcommand: str, cfg: Any) -> None:
         if cfg.model.arch not in list_models():
-            raise ConfigError(f"unknown model {cfg.model.arch!r} (model.arch); known models: "
-                              f"{', '.join(list_models())}")
+            raise ConfigError(
+                f"unknown model {cfg.model.arch!r} (model.arch); known models: {', '.join(list_models())}"
+            )
         if cfg.trainer.get("default_root_dir") is not None:
-            raise ConfigError("trainer.default_root_dir is set by ran: choose the run directory with "
-                              "--run.root and --run.name")
+            raise ConfigError(
+                "trainer.default_root_dir is set by ran: choose the run directory with "
+                "--run.root and --run.name"
+            )
         if cfg.trainer.get("logger") is not None:
-            raise ConfigError("trainer.logger is set by ran: choose the logger with --run.logger "
-                              "(wandb, csv or none)")
+            raise ConfigError(
+                "trainer.logger is set by ran: choose the logger with --run.logger (wandb, csv or none)"
+            )
         run = cfg.run
         run.name = run.name or cfg.model.arch
         self.run_dir = Path(run.root) / run.name
@@ -287,7 +316,8 @@ class RanCLI(LightningCLI):
                     raise ConfigError(
                         f"run directory {self.run_dir} exists; resume with --ckpt_path last, pick another "
                         "--run.name (or --run.root), or pass --run.overwrite true to delete it and start "
-                        "afresh")
+                        "afresh"
+                    )
                 shutil.rmtree(self.run_dir)
         if ckpt in ("last", "best"):
             cfg.ckpt_path = str(self._find_checkpoint(ckpt))
@@ -302,8 +332,10 @@ class RanCLI(LightningCLI):
             found = _newest([*ckpt_dir.glob("last*.ckpt"), *_hpc_checkpoints(self.run_dir)])
         if found is None:
             looked = "checkpoints/best.ckpt" if which == "best" else "checkpoints/last.ckpt, hpc_ckpt_*.ckpt"
-            raise ConfigError(f"--ckpt_path {which}: no checkpoint in {self.run_dir} (looked for {looked}); "
-                              "check --run.name and --run.root")
+            raise ConfigError(
+                f"--ckpt_path {which}: no checkpoint in {self.run_dir} (looked for {looked}); "
+                "check --run.name and --run.root"
+            )
         return found
 
     def instantiate_classes(self) -> None:
@@ -319,9 +351,17 @@ class RanCLI(LightningCLI):
         callbacks = list(trainer_cfg.get("callbacks") or [])
         callbacks += [RNGStateCallback(), ValidateAtMaxSteps(), ResultsWriter(self.run_dir)]
         if trainer_cfg.get("enable_checkpointing", True) is not False:
-            callbacks.append(ModelCheckpoint(dirpath=self.run_dir / "checkpoints", filename="best",
-                                             monitor="val/acc1", mode="max", save_top_k=1, save_last=True,
-                                             auto_insert_metric_name=False))
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=self.run_dir / "checkpoints",
+                    filename="best",
+                    monitor="val/acc1",
+                    mode="max",
+                    save_top_k=1,
+                    save_last=True,
+                    auto_insert_metric_name=False,
+                )
+            )
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
@@ -332,17 +372,31 @@ class RanCLI(LightningCLI):
         self.save_config_kwargs = {"run_dir": str(self.run_dir), "wandb_id": wandb_id}
         # enable_autolog_hparams=False: SaveRunConfig sends the whole resolved config to the loggers instead
         # of Lightning's flat mix of the model's and the datamodule's arguments.
-        return super().instantiate_trainer(default_root_dir=str(self.run_dir), logger=loggers or False,
-                                           callbacks=callbacks, enable_autolog_hparams=False, **kwargs)
+        return super().instantiate_trainer(
+            default_root_dir=str(self.run_dir),
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_autolog_hparams=False,
+            **kwargs,
+        )
 
     def _loggers(self, run: Any) -> list[Logger]:
         if run.logger == "csv":
             return [CSVLogger(save_dir=self.run_dir, name="csv")]
         if run.logger == "wandb":
             mode = wandb_mode()
-            return [WandbLogger(name=run.name, save_dir=self.run_dir, id=self.wandb_id, project=run.project,
-                                group=run.group, tags=list(run.tags) or None,
-                                offline=mode == "offline", **({"mode": mode} if mode != "offline" else {}))]
+            return [
+                WandbLogger(
+                    name=run.name,
+                    save_dir=self.run_dir,
+                    id=self.wandb_id,
+                    project=run.project,
+                    group=run.group,
+                    tags=list(run.tags) or None,
+                    offline=mode == "offline",
+                    **({"mode": mode} if mode != "offline" else {}),
+                )
+            ]
         return []
 
 
@@ -355,8 +409,14 @@ USAGE = """usage: ran {fit,validate,test,predict} -c CONFIG [--section.key VALUE
 
 
 # Exceptions that are the user's to fix (config, data): reported as one line, without a traceback.
-USER_ERRORS = (ConfigError, MisconfigurationException, FileNotFoundError, NotADirectoryError,
-               CorruptImageError, DatasetLayoutError)
+USER_ERRORS = (
+    ConfigError,
+    MisconfigurationException,
+    FileNotFoundError,
+    NotADirectoryError,
+    CorruptImageError,
+    DatasetLayoutError,
+)
 
 
 def _one_line(err: BaseException) -> str:
@@ -378,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()
     if argv and argv[0] == "summary":
         from ran.summary import summary_main
+
         return summary_main(argv[1:])
     if not argv:
         print(USAGE, file=sys.stderr, end="")

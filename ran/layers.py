@@ -6,7 +6,7 @@ follow the authors' released Caffe model definitions (fwang91/residual-attention
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,15 @@ class PreActBottleneck(nn.Module):
     changes, a 1x1 projection shortcut is applied to the pre-activated input, as in the released model files.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, mid_channels: int | None = None,
-                 groups: int = 1) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        mid_channels: int | None = None,
+        groups: int = 1,
+    ) -> None:
         super().__init__()
         mid = mid_channels or out_channels // 4
         self.bn1 = nn.BatchNorm2d(in_channels)
@@ -41,8 +48,11 @@ class PreActBottleneck(nn.Module):
         self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
-        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
-                         if stride != 1 or in_channels != out_channels else None)
+        self.shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            if stride != 1 or in_channels != out_channels
+            else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In-place ReLUs on the BN outputs: BN's backward needs its input, not its output, so nothing saved
@@ -65,6 +75,7 @@ def stack_units(make_unit: UnitFactory, channels: int, n: int) -> nn.Sequential:
 
 
 # --- Mask activations (Sec. 3.3) ---------------------------------------------------------------------------
+
 
 class MixedAttention(nn.Module):
     """f1: sigmoid at every channel and spatial position (Sec. 3.3, Eq. 5)."""
@@ -112,13 +123,18 @@ def make_activation(attention: str) -> nn.Module:
 # module's input after its p pre-processing units, the input of the paper's mask branch; the CBAM and SE
 # gates are computed from the features they refine, the trunk output, as in their own papers.
 
+
 class MaskHead(nn.Sequential):
     """The end of the soft mask branch: BN-ReLU-1x1 conv, BN-ReLU-1x1 conv, then the activation (Sec. 3.2)."""
 
     def __init__(self, channels: int, attention: str) -> None:
         super().__init__(
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
-            nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 1, bias=False),
             make_activation(attention),
         )
 
@@ -133,16 +149,28 @@ class HourglassMask(nn.Module):
     released Caffe files the interpolation's second input only gives the output size).
     """
 
-    def __init__(self, channels: int, make_unit: UnitFactory, *, r: int, pool_levels: int, bottom_units: int,
-                 attention: str) -> None:
+    def __init__(
+        self,
+        channels: int,
+        make_unit: UnitFactory,
+        *,
+        r: int,
+        pool_levels: int,
+        bottom_units: int,
+        attention: str,
+    ) -> None:
         super().__init__()
         if pool_levels < 1:
-            raise ValueError(f"an hourglass mask needs pool_levels >= 1, got {pool_levels}; "
-                             "use mask='local' for a mask without pooling")
+            raise ValueError(
+                f"an hourglass mask needs pool_levels >= 1, got {pool_levels}; "
+                "use mask='local' for a mask without pooling"
+            )
         self.pool_levels = pool_levels
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.down = nn.ModuleList(stack_units(make_unit, channels, bottom_units if level == pool_levels - 1 else r)
-                                  for level in range(pool_levels))
+        self.down = nn.ModuleList(
+            stack_units(make_unit, channels, bottom_units if level == pool_levels - 1 else r)
+            for level in range(pool_levels)
+        )
         self.skips = nn.ModuleList(make_unit(channels, channels, 1) for _ in range(pool_levels - 1))
         self.up = nn.ModuleList(stack_units(make_unit, channels, r) for _ in range(pool_levels - 1))
         self.head = MaskHead(channels, attention)
@@ -150,7 +178,7 @@ class HourglassMask(nn.Module):
     @property
     def min_input_size(self) -> int:
         """The smallest height and width this branch accepts: one pixel at the lowest resolution."""
-        return 2 ** self.pool_levels
+        return 2**self.pool_levels
 
     def forward(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -158,7 +186,8 @@ class HourglassMask(nn.Module):
             raise ValueError(
                 f"feature map {h}x{w} is too small for a soft mask with {self.pool_levels} pooling levels: "
                 f"it needs at least {self.min_input_size}x{self.min_input_size} here; "
-                "use a larger input image or fewer pooling levels (pool_levels)")
+                "use a larger input image or fewer pooling levels (pool_levels)"
+            )
         skips, sizes, out = [], [], x
         for level, units in enumerate(self.down):
             out = units(self.pool(out))
@@ -187,11 +216,14 @@ class LocalMask(nn.Module):
 
 def _mlp(channels: int, reduction: int) -> nn.Sequential:
     hidden = max(channels // reduction, 1)
-    return nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+    return nn.Sequential(
+        nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1)
+    )
 
 
 class CBAMChannelGate(nn.Module):
-    """CBAM channel attention (Woo et al., ECCV 2018): avg- and max-pooled descriptors through a shared MLP."""
+    """CBAM channel attention (Woo et al., ECCV 2018): avg- and max-pooled descriptors through a shared
+    MLP."""
 
     def __init__(self, channels: int, reduction: int = 16) -> None:
         super().__init__()
@@ -222,7 +254,9 @@ class CBAMMask(nn.Module):
     that M * T is exactly CBAM's output. Either gate can be left out for the channel-only and spatial-only
     variants."""
 
-    def __init__(self, channels: int, *, channel: bool = True, spatial: bool = True, reduction: int = 16) -> None:
+    def __init__(
+        self, channels: int, *, channel: bool = True, spatial: bool = True, reduction: int = 16
+    ) -> None:
         super().__init__()
         self.channel_gate = CBAMChannelGate(channels, reduction) if channel else None
         self.spatial_gate = CBAMSpatialGate() if spatial else None
@@ -253,20 +287,35 @@ def hourglass_unit_count(r: int, pool_levels: int, bottom_units: int) -> int:
     return r * (pool_levels - 1) + bottom_units + (pool_levels - 1) + r * (pool_levels - 1)
 
 
-def make_mask(mask: str, channels: int, make_unit: UnitFactory, *, r: int, pool_levels: int, bottom_units: int,
-              attention: str) -> nn.Module | None:
+def make_mask(
+    mask: str,
+    channels: int,
+    make_unit: UnitFactory,
+    *,
+    r: int,
+    pool_levels: int,
+    bottom_units: int,
+    attention: str,
+) -> nn.Module | None:
     """Build the soft mask branch named by `mask` (None for 'none', the trunk-only baseline)."""
     check_choice("mask", mask, MASKS)
     check_choice("attention", attention, ATTENTIONS)
     if mask not in ("hourglass", "local") and attention != "mixed":
-        raise ValueError(f"attention={attention!r} applies to the paper's masks ('hourglass', 'local') only; "
-                         f"mask={mask!r} has its own sigmoid gates: use attention='mixed' with it")
+        raise ValueError(
+            f"attention={attention!r} applies to the paper's masks ('hourglass', 'local') only; "
+            f"mask={mask!r} has its own sigmoid gates: use attention='mixed' with it"
+        )
     if mask == "hourglass":
-        return HourglassMask(channels, make_unit, r=r, pool_levels=pool_levels, bottom_units=bottom_units,
-                             attention=attention)
+        return HourglassMask(
+            channels, make_unit, r=r, pool_levels=pool_levels, bottom_units=bottom_units, attention=attention
+        )
     if mask == "local":
-        return LocalMask(channels, make_unit, num_units=hourglass_unit_count(r, pool_levels, bottom_units),
-                         attention=attention)
+        return LocalMask(
+            channels,
+            make_unit,
+            num_units=hourglass_unit_count(r, pool_levels, bottom_units),
+            attention=attention,
+        )
     if mask == "se":
         return SEMask(channels)
     if mask == "none":
@@ -282,16 +331,34 @@ class AttentionModule(nn.Module):
     `mask_out` is an identity placed on M: hooks on it read (or, in tests, replace) the soft mask.
     """
 
-    def __init__(self, channels: int, *, p: int = 1, t: int = 2, r: int = 1, pool_levels: int = 1,
-                 bottom_units: int | None = None, learning: str = "arl", attention: str = "mixed",
-                 mask: str = "hourglass", make_unit: UnitFactory | None = None) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        p: int = 1,
+        t: int = 2,
+        r: int = 1,
+        pool_levels: int = 1,
+        bottom_units: int | None = None,
+        learning: str = "arl",
+        attention: str = "mixed",
+        mask: str = "hourglass",
+        make_unit: UnitFactory | None = None,
+    ) -> None:
         super().__init__()
         self.learning = check_choice("learning", learning, LEARNINGS)
         make_unit = make_unit or PreActBottleneck
         self.pre = stack_units(make_unit, channels, p)
         self.trunk = stack_units(make_unit, channels, t)
-        self.mask = make_mask(mask, channels, make_unit, r=r, pool_levels=pool_levels,
-                              bottom_units=2 * r if bottom_units is None else bottom_units, attention=attention)
+        self.mask = make_mask(
+            mask,
+            channels,
+            make_unit,
+            r=r,
+            pool_levels=pool_levels,
+            bottom_units=2 * r if bottom_units is None else bottom_units,
+            attention=attention,
+        )
         self.mask_out = nn.Identity()
         self.post = stack_units(make_unit, channels, p)
 

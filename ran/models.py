@@ -9,8 +9,8 @@ average pooling and a linear classifier (Sec. 4, Table 1).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,19 +47,42 @@ class ResidualAttentionNet(nn.Module):
         default_input_size: the input size the variant is meant for (summary, benchmarks).
     """
 
-    def __init__(self, num_classes: int = 1000, *, stem: str = "imagenet", stem_width: int = 64,
-                 stage_widths: Sequence[int] = (256, 512, 1024), stage_strides: Sequence[int] = (1, 2, 2),
-                 modules_per_stage: Sequence[int] = (1, 1, 1), units_per_stage: Sequence[int] = (0, 0, 0),
-                 pool_levels: Sequence[int] = (3, 2, 1), final_units: int = 3, final_width: int = 2048,
-                 final_stride: int = 2, p: int = 1, t: int = 2, r: int = 1, bottom_units: int | None = None,
-                 learning: str = "arl", attention: str = "mixed", mask: str = "hourglass", groups: int = 1,
-                 bottleneck_ratio: float = 0.25, in_chans: int = 3, drop_rate: float = 0.0,
-                 default_input_size: int = 224) -> None:
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        *,
+        stem: str = "imagenet",
+        stem_width: int = 64,
+        stage_widths: Sequence[int] = (256, 512, 1024),
+        stage_strides: Sequence[int] = (1, 2, 2),
+        modules_per_stage: Sequence[int] = (1, 1, 1),
+        units_per_stage: Sequence[int] = (0, 0, 0),
+        pool_levels: Sequence[int] = (3, 2, 1),
+        final_units: int = 3,
+        final_width: int = 2048,
+        final_stride: int = 2,
+        p: int = 1,
+        t: int = 2,
+        r: int = 1,
+        bottom_units: int | None = None,
+        learning: str = "arl",
+        attention: str = "mixed",
+        mask: str = "hourglass",
+        groups: int = 1,
+        bottleneck_ratio: float = 0.25,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        default_input_size: int = 224,
+    ) -> None:
         super().__init__()
         check_choice("stem", stem, STEMS)
-        for name, values in (("stage_widths", stage_widths), ("stage_strides", stage_strides),
-                             ("modules_per_stage", modules_per_stage), ("units_per_stage", units_per_stage),
-                             ("pool_levels", pool_levels)):
+        for name, values in (
+            ("stage_widths", stage_widths),
+            ("stage_strides", stage_strides),
+            ("modules_per_stage", modules_per_stage),
+            ("units_per_stage", units_per_stage),
+            ("pool_levels", pool_levels),
+        ):
             if len(values) != 3:
                 raise ValueError(f"{name} must give one value per stage (3 values), got {tuple(values)}")
         if any(m < 0 for m in modules_per_stage):
@@ -69,22 +92,37 @@ class ResidualAttentionNet(nn.Module):
         self.drop_rate = drop_rate
 
         def make_unit(cin: int, cout: int, stride: int) -> nn.Module:
-            return PreActBottleneck(cin, cout, stride, mid_channels=int(cout * bottleneck_ratio), groups=groups)
+            return PreActBottleneck(
+                cin, cout, stride, mid_channels=int(cout * bottleneck_ratio), groups=groups
+            )
 
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False),
-                nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1))
+                nn.BatchNorm2d(stem_width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(3, stride=2, padding=1),
+            )
             self.stem_stride = 4
         else:
             self.stem = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
             self.stem_stride = 1
 
         stages, channels = [], stem_width
-        module = partial(AttentionModule, p=p, t=t, r=r, bottom_units=bottom_units, learning=learning,
-                         attention=attention, mask=mask, make_unit=make_unit)
-        for width, stride, m, extra, levels in zip(stage_widths, stage_strides, modules_per_stage,
-                                                   units_per_stage, pool_levels):
+        module = partial(
+            AttentionModule,
+            p=p,
+            t=t,
+            r=r,
+            bottom_units=bottom_units,
+            learning=learning,
+            attention=attention,
+            mask=mask,
+            make_unit=make_unit,
+        )
+        for width, stride, m, extra, levels in zip(
+            stage_widths, stage_strides, modules_per_stage, units_per_stage, pool_levels
+        ):
             blocks = [make_unit(channels, width, stride)]
             blocks += [module(width, pool_levels=levels) for _ in range(m)]
             blocks += [make_unit(width, width, 1) for _ in range(extra)]
@@ -102,7 +140,8 @@ class ResidualAttentionNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Kaiming-normal (fan-out, ReLU) convolutions, BN weight 1 and bias 0, zero conv biases; linear layers
+        """Kaiming-normal (fan-out, ReLU) convolutions, BN weight 1 and bias 0, zero conv biases; linear
+        layers
         (classifier, CBAM/SE MLPs are 1x1 convs and follow the conv rule) keep PyTorch's default init."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -114,7 +153,7 @@ class ResidualAttentionNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @property
-    def attention_modules(self) -> "OrderedDict[str, AttentionModule]":
+    def attention_modules(self) -> OrderedDict[str, AttentionModule]:
         """Every Attention Module, by its qualified name (e.g. 'stages.stage2.1')."""
         return OrderedDict((n, m) for n, m in self.named_modules() if isinstance(m, AttentionModule))
 
@@ -133,9 +172,11 @@ class ResidualAttentionNet(nn.Module):
         """Raise a ValueError if `x` is too small for the soft masks' pooling levels."""
         size = self.min_input_size
         if min(x.shape[-2:]) < size:
-            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is too small for this network's soft masks: "
-                             f"height and width must be at least {size} (use larger images, or fewer "
-                             "pool_levels)")
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is too small for this network's soft masks: "
+                f"height and width must be at least {size} (use larger images, or fewer "
+                "pool_levels)"
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features): everything but the classifier."""
@@ -156,16 +197,19 @@ class ResidualAttentionNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
 
     @torch.no_grad()
-    def soft_masks(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def soft_masks(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         """Run `x` through the network and return every Attention Module's soft mask M(x), by module name.
 
         Hourglass and local masks have the trunk's shape (B, C, H, W); CBAM and SE masks broadcast against
         it ((B, C, 1, 1) or (B, 1, H, W)). Modules with mask='none' have none. For visualisation, e.g.
         `masks['stages.stage1.1'].mean(1)` gives one heat map per image.
         """
-        masks: "OrderedDict[str, torch.Tensor]" = OrderedDict()
-        handles = [m.mask_out.register_forward_hook(lambda _m, _i, out, name=name: masks.__setitem__(name, out))
-                   for name, m in self.attention_modules.items() if m.mask is not None]
+        masks: OrderedDict[str, torch.Tensor] = OrderedDict()
+        handles = [
+            m.mask_out.register_forward_hook(lambda _m, _i, out, name=name: masks.__setitem__(name, out))
+            for name, m in self.attention_modules.items()
+            if m.mask is not None
+        ]
         try:
             self(x)
         finally:
@@ -173,7 +217,7 @@ class ResidualAttentionNet(nn.Module):
                 h.remove()
         return masks
 
-    def stage_shapes(self, x: torch.Tensor) -> "OrderedDict[str, tuple[int, ...]]":
+    def stage_shapes(self, x: torch.Tensor) -> OrderedDict[str, tuple[int, ...]]:
         """The output shape of the stem and of every stage for input `x`."""
         self.check_input(x)
         shapes = OrderedDict()
@@ -188,6 +232,7 @@ class ResidualAttentionNet(nn.Module):
 
 # --- Registered variants ------------------------------------------------------------------------------------
 
+
 def _imagenet(variant: dict, **kwargs) -> ResidualAttentionNet:
     """ImageNet layout (Table 2): 7x7/2 conv and max-pool to 56x56; stages of 256/512/1024 channels at
     56/28/14 with 3/2/1 mask pooling levels (lowest mask resolution 7x7); three 2048-channel units at 7x7."""
@@ -195,16 +240,25 @@ def _imagenet(variant: dict, **kwargs) -> ResidualAttentionNet:
 
 
 def _cifar(variant: dict, **kwargs) -> ResidualAttentionNet:
-    """CIFAR layout (32x32 input). The paper does not give it, so these choices are ours: a 3x3 conv stem of 16
+    """CIFAR layout (32x32 input). The paper does not give it, so these choices are ours: a 3x3 conv stem of
+    16
     channels; the stage widths of pre-activation ResNet-164 (outputs 64/128/256 at 32x32/16x16/8x8, bottleneck
     a quarter of that); m Attention Modules in every stage; mask pooling levels 3/2/1, so that every stage's
     mask reaches 4x4 as ImageNet's reach 7x7; and the ImageNet layout's three final units kept as three
     256-channel units at 8x8 (no stride), which depth = 36m + 20 counts. With these, the parameter counts
     match the published ones: Attention-92 1.96M (paper 1.9M), -236 5.20M (5.1M), -452 8.63M (8.6M).
     Override `modules_per_stage` (and any other argument) through keyword arguments."""
-    layout = {"num_classes": 10, "stem": "cifar", "stem_width": 16, "stage_widths": (64, 128, 256),
-              "pool_levels": (3, 2, 1), "final_units": 3, "final_width": 256, "final_stride": 1,
-              "default_input_size": 32}
+    layout = {
+        "num_classes": 10,
+        "stem": "cifar",
+        "stem_width": 16,
+        "stage_widths": (64, 128, 256),
+        "pool_levels": (3, 2, 1),
+        "final_units": 3,
+        "final_width": 256,
+        "final_stride": 1,
+        "default_input_size": 32,
+    }
     return ResidualAttentionNet(**{**layout, **variant, **kwargs})
 
 
@@ -214,7 +268,9 @@ def _preact_resnet_cifar(depth: int, **kwargs) -> ResidualAttentionNet:
     if (depth - 2) % 9:
         raise ValueError(f"a bottleneck pre-activation ResNet needs depth = 9n + 2, got {depth}")
     n = (depth - 2) // 9
-    return _cifar({"modules_per_stage": (0, 0, 0), "units_per_stage": (n - 1,) * 3, "final_units": 0}, **kwargs)
+    return _cifar(
+        {"modules_per_stage": (0, 0, 0), "units_per_stage": (n - 1,) * 3, "final_units": 0}, **kwargs
+    )
 
 
 @register_model
@@ -231,7 +287,8 @@ def attention92(**kwargs) -> ResidualAttentionNet:
 
 @register_model
 def attention_next56(**kwargs) -> ResidualAttentionNet:
-    """AttentionNeXt-56 for ImageNet: Attention-56 with ResNeXt units (32 groups, bottleneck half the width)."""
+    """AttentionNeXt-56 for ImageNet: Attention-56 with ResNeXt units (32 groups, bottleneck half the
+    width)."""
     return _imagenet({"modules_per_stage": (1, 1, 1), "groups": 32, "bottleneck_ratio": 0.5}, **kwargs)
 
 
@@ -243,7 +300,8 @@ def attention56_cifar(**kwargs) -> ResidualAttentionNet:
 
 @register_model
 def attention92_cifar(**kwargs) -> ResidualAttentionNet:
-    """Attention-92 for CIFAR: m = 2 modules per stage. (ImageNet's Attention-92 has 1/2/3; on CIFAR that split
+    """Attention-92 for CIFAR: m = 2 modules per stage. (ImageNet's Attention-92 has 1/2/3; on CIFAR that
+    split
     gives 2.45M parameters against the published 1.9M, while 2/2/2 gives 1.96M.)"""
     return _cifar({"modules_per_stage": (2, 2, 2)}, **kwargs)
 

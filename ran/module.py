@@ -12,8 +12,9 @@ accuracy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -89,20 +90,37 @@ class ImageClassifier(pl.LightningModule):
 
     MAX_CLASS_SCALARS = 100
 
-    def __init__(self, arch: str = "attention92_cifar", num_classes: int = 10, attention: str | None = None,
-                 learning: str | None = None, mask: str | None = None,
-                 model_kwargs: dict[str, Any] | None = None, lr: float = 0.1, base_batch_size: int = 64,
-                 scale_lr: bool = False, momentum: float = 0.9, nesterov: bool = True,
-                 weight_decay: float = 1e-4, schedule: Literal["step", "cosine"] = "step",
-                 milestones: Sequence[int] = (64_000, 96_000), gamma: float = 0.1, warmup_steps: int = 0,
-                 sync_batchnorm: bool = True, channels_last: bool = False, compile: bool = False) -> None:
+    def __init__(
+        self,
+        arch: str = "attention92_cifar",
+        num_classes: int = 10,
+        attention: str | None = None,
+        learning: str | None = None,
+        mask: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 0.1,
+        base_batch_size: int = 64,
+        scale_lr: bool = False,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+        schedule: Literal["step", "cosine"] = "step",
+        milestones: Sequence[int] = (64_000, 96_000),
+        gamma: float = 0.1,
+        warmup_steps: int = 0,
+        sync_batchnorm: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the CLI sends the whole resolved config to the loggers
         choices = {k: v for k, v in (("attention", attention), ("learning", learning), ("mask", mask)) if v}
         self.net = create_model(arch, num_classes=num_classes, **choices, **(model_kwargs or {}))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=self.memory_format)
-        self._compiled: Any = None  # torch.compile(self.net), made in setup; not a submodule, so not in state_dict
+        self._compiled: Any = (
+            None  # torch.compile(self.net), made in setup; not a submodule, so not in state_dict
+        )
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss()
         self.top_k = min(5, num_classes)
@@ -130,8 +148,12 @@ class ImageClassifier(pl.LightningModule):
         """Convert BatchNorm to SyncBatchNorm on multi-process CUDA runs (SyncBatchNorm has no CPU kernel)."""
         trainer = self.trainer
         converted = any(isinstance(m, nn.SyncBatchNorm) for m in self.net.modules())
-        if (self.hparams.sync_batchnorm and not converted and trainer.world_size > 1
-                and trainer.strategy.root_device.type == "cuda"):
+        if (
+            self.hparams.sync_batchnorm
+            and not converted
+            and trainer.world_size > 1
+            and trainer.strategy.root_device.type == "cuda"
+        ):
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         if self.hparams.get("compile"):
             self.compile_network()
@@ -151,8 +173,9 @@ class ImageClassifier(pl.LightningModule):
             return hp.lr
         batch = effective_batch_size(self.trainer)
         if batch is None:
-            rank_zero_warn("scale_lr is set but the datamodule has no `batch_size`: the learning rate is not "
-                           "scaled")
+            rank_zero_warn(
+                "scale_lr is set but the datamodule has no `batch_size`: the learning rate is not scaled"
+            )
             return hp.lr
         return hp.lr * batch / hp.base_batch_size
 
@@ -161,14 +184,22 @@ class ImageClassifier(pl.LightningModule):
         # The fused implementation updates every parameter in one kernel (CPU and CUDA): the same update as
         # the per-tensor loop, without a loop of small operations per parameter tensor.
         fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
-        optimizer = torch.optim.SGD(self.parameters(), lr=self.scaled_lr(), momentum=hp.momentum,
-                                    nesterov=hp.nesterov, weight_decay=hp.weight_decay, fused=fused)
+        optimizer = torch.optim.SGD(
+            self.parameters(),
+            lr=self.scaled_lr(),
+            momentum=hp.momentum,
+            nesterov=hp.nesterov,
+            weight_decay=hp.weight_decay,
+            fused=fused,
+        )
         trainer = self.trainer
         total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
         factor = LRFactor(hp.schedule, tuple(hp.milestones), hp.gamma, total, hp.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     # --- steps ---------------------------------------------------------------------------------------------
 
@@ -204,8 +235,9 @@ class ImageClassifier(pl.LightningModule):
 
     # --- epoch ends: metrics are computed (and synced across processes) by torchmetrics ---------------------
 
-    def _log_split(self, split: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy,
-                   loss: MeanMetric | None = None) -> torch.Tensor:
+    def _log_split(
+        self, split: str, acc1: MulticlassAccuracy, acc5: MulticlassAccuracy, loss: MeanMetric | None = None
+    ) -> torch.Tensor:
         """Log `<split>/acc1`, `/acc5`, `/err1`, `/err5` (error in %, as the paper reports) and `/loss`."""
         top1, top5 = acc1.compute(), acc5.compute()
         values = {f"{split}/acc1": top1, f"{split}/err1": 100.0 * (1.0 - top1)}
@@ -258,11 +290,14 @@ class ImageClassifier(pl.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 rows = [[name, acc] for name, acc in zip(names, values)]
-                logger.log_table("test/per_class_acc1", columns=["class", "acc1"], data=rows,
-                                 step=self.global_step)
+                logger.log_table(
+                    "test/per_class_acc1", columns=["class", "acc1"], data=rows, step=self.global_step
+                )
             if len(names) <= self.MAX_CLASS_SCALARS:
-                logger.log_metrics({f"test/acc1_class/{name}": acc for name, acc in zip(names, values)},
-                                   step=self.global_step)
+                logger.log_metrics(
+                    {f"test/acc1_class/{name}": acc for name, acc in zip(names, values)},
+                    step=self.global_step,
+                )
 
     def on_train_start(self) -> None:
         """Log the effective batch size, the learning rate it gives and the realised clean-label ratio."""

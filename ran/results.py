@@ -48,7 +48,8 @@ def update_results(run_dir: str | Path, section: str, values: dict[str, Any]) ->
 
 
 class ResultsWriter(pl.Callback):
-    """Writes the run's metrics to `<run_dir>/results.json` at the end of fit, validation and test (rank 0)."""
+    """Writes the run's metrics to `<run_dir>/results.json` at the end of fit, validation and test (rank
+    0)."""
 
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
@@ -58,11 +59,19 @@ class ResultsWriter(pl.Callback):
             return
         ckpt = trainer.checkpoint_callback
         score = getattr(ckpt, "best_model_score", None)
-        update_results(self.run_dir, "fit", {
-            "status": status, "global_step": trainer.global_step, "max_steps": trainer.max_steps,
-            "epoch": trainer.current_epoch, "metrics": _scalars(trainer.callback_metrics),
-            "best_model_path": getattr(ckpt, "best_model_path", None) or None,
-            "best_model_score": None if score is None else float(score)})
+        update_results(
+            self.run_dir,
+            "fit",
+            {
+                "status": status,
+                "global_step": trainer.global_step,
+                "max_steps": trainer.max_steps,
+                "epoch": trainer.current_epoch,
+                "metrics": _scalars(trainer.callback_metrics),
+                "best_model_path": getattr(ckpt, "best_model_path", None) or None,
+                "best_model_score": None if score is None else float(score),
+            },
+        )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit":
@@ -74,11 +83,17 @@ class ResultsWriter(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
-            update_results(self.run_dir, "test", {"metrics": _scalars(trainer.callback_metrics),
-                                                  "ckpt_path": trainer.ckpt_path})
+            update_results(
+                self.run_dir,
+                "test",
+                {"metrics": _scalars(trainer.callback_metrics), "ckpt_path": trainer.ckpt_path},
+            )
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # A run that failed before it wrote anything (bad data path, say) leaves no directory behind, so that the
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A run that failed before it wrote anything (bad data path, say) leaves no directory behind, so
+        # that the
         # corrected command is not refused as an existing run.
         if trainer.state.fn == "fit" and self.run_dir.is_dir():
             self._fit(trainer, "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")

@@ -63,8 +63,14 @@ def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummar
     model = create_model(name, **kwargs)
     size = input_size or model.default_input_size
     shapes = model.stage_shapes(torch.zeros(1, 3, size, size)) if hasattr(model, "stage_shapes") else {}
-    return ModelSummary(name, count_params(model), count_macs(model, size), size, model.num_classes,
-                        {k: v[1:] for k, v in shapes.items()})
+    return ModelSummary(
+        name,
+        count_params(model),
+        count_macs(model, size),
+        size,
+        model.num_classes,
+        {k: v[1:] for k, v in shapes.items()},
+    )
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -74,10 +80,20 @@ def _fmt(value: float | None, unit: str) -> str:
 def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
     """The table of every model's parameters and multiply-adds beside the paper's figures."""
     rows = [("model", "input", "params", "paper params", "mult-adds", "paper mult-adds")]
-    summaries = sorted((summarize(name) for name in names or list_models()), key=lambda s: (s.input_size, s.params))
+    summaries = sorted(
+        (summarize(name) for name in names or list_models()), key=lambda s: (s.input_size, s.params)
+    )
     for s in summaries:
-        rows.append((s.name, f"{s.input_size}x{s.input_size}", _fmt(s.params / 1e6, "M"), _fmt(s.paper_params, "M"),
-                     _fmt(s.macs / 1e9, "G"), _fmt(s.paper_macs, "G")))
+        rows.append(
+            (
+                s.name,
+                f"{s.input_size}x{s.input_size}",
+                _fmt(s.params / 1e6, "M"),
+                _fmt(s.paper_params, "M"),
+                _fmt(s.macs / 1e9, "G"),
+                _fmt(s.paper_macs, "G"),
+            )
+        )
     if markdown:
         return "\n".join(markdown_lines(rows[0], rows[1:]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -85,21 +101,28 @@ def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
 
 
 def format_summary(s: ModelSummary) -> str:
-    lines = [f"{s.name}: {s.num_classes} classes, input 3x{s.input_size}x{s.input_size}",
-             f"  parameters     {s.params:,} ({s.params / 1e6:.2f}M)" +
-             (f"; paper {s.paper_params}M" if s.paper_params else ""),
-             f"  multiply-adds  {s.macs:,} ({s.macs / 1e9:.3f}G)" +
-             (f"; paper {s.paper_macs}G" if s.paper_macs else ""),
-             "  output shapes (C, H, W):"]
+    lines = [
+        f"{s.name}: {s.num_classes} classes, input 3x{s.input_size}x{s.input_size}",
+        f"  parameters     {s.params:,} ({s.params / 1e6:.2f}M)"
+        + (f"; paper {s.paper_params}M" if s.paper_params else ""),
+        f"  multiply-adds  {s.macs:,} ({s.macs / 1e9:.3f}G)"
+        + (f"; paper {s.paper_macs}G" if s.paper_macs else ""),
+        "  output shapes (C, H, W):",
+    ]
     lines += [f"    {k:8s} {tuple(v)}" for k, v in s.stage_shapes.items()]
     return "\n".join(lines)
 
 
 def summary_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ran summary", description="Parameters, multiply-adds (torch's "
-                                     "FlopCounterMode, one multiply-add = 2 FLOPs) and per-stage output shapes.")
+    parser = argparse.ArgumentParser(
+        prog="ran summary",
+        description="Parameters, multiply-adds (torch's "
+        "FlopCounterMode, one multiply-add = 2 FLOPs) and per-stage output shapes.",
+    )
     parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
-    parser.add_argument("--all", action="store_true", help="a table of every registered model beside the paper")
+    parser.add_argument(
+        "--all", action="store_true", help="a table of every registered model beside the paper"
+    )
     parser.add_argument("--markdown", action="store_true", help="with --all: a markdown table")
     parser.add_argument("--num-classes", type=int, help="classifier outputs (default: the variant's own)")
     parser.add_argument("--input-size", type=int, help="input height and width (default: the variant's own)")
@@ -112,8 +135,16 @@ def summary_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("name a model, or pass --all")
-    kwargs = {k: v for k, v in (("num_classes", args.num_classes), ("attention", args.attention),
-                                ("learning", args.learning), ("mask", args.mask)) if v is not None}
+    kwargs = {
+        k: v
+        for k, v in (
+            ("num_classes", args.num_classes),
+            ("attention", args.attention),
+            ("learning", args.learning),
+            ("mask", args.mask),
+        )
+        if v is not None
+    }
     try:
         print(format_summary(summarize(args.model, args.input_size, **kwargs)))
     except ValueError as err:

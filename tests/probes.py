@@ -46,8 +46,15 @@ class SyncProbe(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.correct = self.total = 0
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         x, y = batch
         self.correct += int((pl_module(x).argmax(1) == y).sum())
         self.total += int(y.numel())
@@ -55,8 +62,13 @@ class SyncProbe(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "correct": self.correct,
-                  "total": self.total, "logged_val_acc1": float(trainer.callback_metrics["val/acc1"])}
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "correct": self.correct,
+            "total": self.total,
+            "logged_val_acc1": float(trainer.callback_metrics["val/acc1"]),
+        }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"sync_rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -67,7 +79,8 @@ class PreemptAt(pl.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)

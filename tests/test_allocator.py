@@ -17,8 +17,8 @@ print(keep_freed_memory())
 faults = []
 for step in range(4):  # a training step's pattern: activations of several sizes alive together, then freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    acts = [torch.empty(64, c, s, s).fill_(1.0) for c, s in ((64, 32), (16, 32), (128, 16), (32, 16), (256, 8))
-            for _ in range(6)]
+    shapes = ((64, 32), (16, 32), (128, 16), (32, 16), (256, 8))
+    acts = [torch.empty(64, c, s, s).fill_(1.0) for c, s in shapes for _ in range(6)]
     del acts
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print(",".join(map(str, faults)))
@@ -39,7 +39,9 @@ def test_freed_activations_are_reused_without_page_faults():
     applied, faults = run_probe("1")
     assert applied == "True"
     assert faults[0] > 40_000  # the first step pages its 210 MB of activations in (4 KiB a fault)
-    assert sum(faults[1:]) < 0.2 * faults[0]  # the next three steps reuse them (at most a block or two faults)
+    assert (
+        sum(faults[1:]) < 0.2 * faults[0]
+    )  # the next three steps reuse them (at most a block or two faults)
     # Without the setting, glibc hands the freed blocks back to the kernel and later steps fault them in again
     # (on this machine's glibc the next two steps fault about as often as the first).
     applied, untuned = run_probe("0")

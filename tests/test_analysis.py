@@ -8,18 +8,28 @@ import csv
 import math
 from pathlib import Path
 
+import datagen
 import pytest
 import torch
 from PIL import Image
 
-import datagen
 import ran
 from datamodules import CIFAR10_MEAN, CIFAR10_STD
 from experiments import analysis
-from experiments.analysis import (HEADER_HEIGHT, AnalysisImages, ResponseTable, compare_responses,
-                                  draw_response_chart, jet_colormap, load_analysis_images,
-                                  load_checkpoint_network, mask_grid_size, resolve_network,
-                                  save_mask_pictures, stage_responses)
+from experiments.analysis import (
+    HEADER_HEIGHT,
+    AnalysisImages,
+    ResponseTable,
+    compare_responses,
+    draw_response_chart,
+    jet_colormap,
+    load_analysis_images,
+    load_checkpoint_network,
+    mask_grid_size,
+    resolve_network,
+    save_mask_pictures,
+    stage_responses,
+)
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -61,6 +71,7 @@ def by_hand(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
 
 # --- stage responses ----------------------------------------------------------------------------------------
 
+
 def test_one_finite_positive_response_per_stage():
     responses = stage_responses(tiny(), torch.randn(4, 3, 16, 16))
     assert list(responses) == STAGES
@@ -95,6 +106,7 @@ def test_nal_response_is_far_below_arl_at_initialisation():
     """At initialisation NAL's H = M * T scales the features by M ~ 0.5 in every module, so its stage
     responses fall an order of magnitude below ARL's (measured over 20 seeds: NAL/ARL <= 0.07 with running
     statistics, <= 0.16 with batch statistics) while the stem, before any module, is identical."""
+
     def spec(learning: str) -> tuple:
         return "attention164_cifar", {**TINY, "learning": learning}
 
@@ -112,8 +124,13 @@ def test_nal_response_is_far_below_arl_at_initialisation():
 
 
 def test_response_table_writes_markdown_csv_and_a_chart(tmp_path):
-    table = ResponseTable({"ARL": dict(zip(STAGES, (0.5, 5.0, 50.0, 500.0, 600.0))),
-                           "NAL": dict(zip(STAGES, (0.5, 0.4, 0.3, 0.2, 0.25)))}, ["a note"])
+    table = ResponseTable(
+        {
+            "ARL": dict(zip(STAGES, (0.5, 5.0, 50.0, 500.0, 600.0))),
+            "NAL": dict(zip(STAGES, (0.5, 0.4, 0.3, 0.2, 0.25))),
+        },
+        ["a note"],
+    )
     md, csv_path, png = table.save(tmp_path / "out")
     text = md.read_text()
     assert "- a note" in text and "| stage | ARL | NAL | NAL / ARL |" in text
@@ -137,6 +154,7 @@ def test_networks_with_different_stages_share_a_table():
 
 
 # --- soft-mask pictures -------------------------------------------------------------------------------------
+
 
 def test_jet_colormap_runs_from_dark_blue_to_dark_red():
     lut = jet_colormap()
@@ -198,6 +216,7 @@ def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
 
 # --- images -------------------------------------------------------------------------------------------------
 
+
 def test_images_from_cifar_imagenet_trees_and_random(tmp_path):
     folder = datagen.make_cifar10(tmp_path / "c10", n_train_per_batch=10, n_test=12)
     for data_dir in (tmp_path / "c10", folder):  # the parent, or the dataset folder itself
@@ -218,6 +237,7 @@ def test_images_from_cifar_imagenet_trees_and_random(tmp_path):
 
 # --- checkpoints and the command line -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
     """A tiny ImageClassifier after one training step on fake CIFAR-10, saved by the Trainer."""
@@ -229,9 +249,17 @@ def checkpoint(tmp_path_factory) -> tuple[Path, Path, torch.nn.Module]:
     root = tmp_path_factory.mktemp("ckpt")
     datagen.make_cifar10(root, n_train_per_batch=4, n_test=8)
     module = ImageClassifier("attention56_cifar", num_classes=10, model_kwargs=TINY)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         default_root_dir=root)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
     trainer.fit(module, datamodule=CIFAR10DataModule(str(root), batch_size=8, val_size=0))
     path = root / "runs" / "tiny" / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(path)
@@ -257,11 +285,41 @@ def test_checkpoint_round_trip(checkpoint):
 
 def test_cli_on_a_checkpoint(checkpoint, tmp_path, capsys):
     path, data_root, _ = checkpoint
-    assert analysis.main(["masks", "--ckpt", str(path), "--data-dir", str(data_root), "--num-images", "2",
-                          "--out", str(tmp_path / "masks")]) == 0
+    assert (
+        analysis.main(
+            [
+                "masks",
+                "--ckpt",
+                str(path),
+                "--data-dir",
+                str(data_root),
+                "--num-images",
+                "2",
+                "--out",
+                str(tmp_path / "masks"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "masks").glob("*.png"))) == 3
-    assert analysis.main(["responses", "--ckpt", f"A={path}", "--ckpt", str(path), "--data-dir",
-                          str(data_root), "--num-images", "4", "--out", str(tmp_path / "resp")]) == 0
+    assert (
+        analysis.main(
+            [
+                "responses",
+                "--ckpt",
+                f"A={path}",
+                "--ckpt",
+                str(path),
+                "--data-dir",
+                str(data_root),
+                "--num-images",
+                "4",
+                "--out",
+                str(tmp_path / "resp"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| stage | A | tiny/last | tiny/last / A |" in out and "BatchNorm: running statistics" in out
     assert "the first 4 CIFAR-10 test images" in out
@@ -270,9 +328,23 @@ def test_cli_on_a_checkpoint(checkpoint, tmp_path, capsys):
 
 
 def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
-    argv = ["responses", "--model", "attention164_cifar", "--compare", "learning=arl,nal", "--num-images",
-            "4", "--model-arg", "stage_widths=(16, 32, 64)", "--model-arg", "stem_width=8", "--model-arg",
-            "final_width=64", "--out", str(tmp_path)]
+    argv = [
+        "responses",
+        "--model",
+        "attention164_cifar",
+        "--compare",
+        "learning=arl,nal",
+        "--num-images",
+        "4",
+        "--model-arg",
+        "stage_widths=(16, 32, 64)",
+        "--model-arg",
+        "stem_width=8",
+        "--model-arg",
+        "final_width=64",
+        "--out",
+        str(tmp_path),
+    ]
     assert analysis.main(argv) == 0
     out = capsys.readouterr().out
     assert "random uniform 32x32 images" in out and "BatchNorm: batch statistics" in out
@@ -282,15 +354,22 @@ def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
     assert float(rows["stage3"]["learning=nal"]) < float(rows["stage3"]["learning=arl"])
 
 
-@pytest.mark.parametrize("argv,needle,fix", [
-    (["responses", "--ckpt", "NAL=runs/gone/checkpoints/best.ckpt"], "runs/gone/checkpoints/best.ckpt", True),
-    (["masks", "--ckpt", "runs/nowhere/last.ckpt"], "runs/nowhere/last.ckpt", True),
-    (["responses", "--model", "attention56_cifar", "--data-dir", "{tmp}/no_data"], "{tmp}/no_data", True),
-    (["masks", "--ckpt", "{ckpt}", "--data-dir", "{tmp}/no_data"], "{tmp}/no_data", True),
-    (["responses", "--compare", "learning=arl,nal"], "--compare needs --model", False),
-    (["responses", "--model", "attention1000"], "unknown model 'attention1000'", False),
-    (["responses"], "nothing to measure", False),
-])
+@pytest.mark.parametrize(
+    "argv,needle,fix",
+    [
+        (
+            ["responses", "--ckpt", "NAL=runs/gone/checkpoints/best.ckpt"],
+            "runs/gone/checkpoints/best.ckpt",
+            True,
+        ),
+        (["masks", "--ckpt", "runs/nowhere/last.ckpt"], "runs/nowhere/last.ckpt", True),
+        (["responses", "--model", "attention56_cifar", "--data-dir", "{tmp}/no_data"], "{tmp}/no_data", True),
+        (["masks", "--ckpt", "{ckpt}", "--data-dir", "{tmp}/no_data"], "{tmp}/no_data", True),
+        (["responses", "--compare", "learning=arl,nal"], "--compare needs --model", False),
+        (["responses", "--model", "attention1000"], "unknown model 'attention1000'", False),
+        (["responses"], "nothing to measure", False),
+    ],
+)
 def test_cli_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys, argv, needle, fix):
     (tmp_path / "a.ckpt").write_bytes(b"")  # exists: the data folder is checked before the checkpoint is read
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(tmp_path / "a.ckpt")) for a in argv]

@@ -11,13 +11,37 @@ from ran.bench import main
 from ran.registry import create_model
 
 TINY = '{"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}'
-KEYS = {"train_img_s", "infer_img_s", "fwd_macs", "gemm_fp32_gflops", "gemm_bf16_gflops", "mfu_train_fp32",
-        "peak_memory_mb", "train_step_ms"}
+KEYS = {
+    "train_img_s",
+    "infer_img_s",
+    "fwd_macs",
+    "gemm_fp32_gflops",
+    "gemm_bf16_gflops",
+    "mfu_train_fp32",
+    "peak_memory_mb",
+    "train_step_ms",
+}
 
 
 def test_bench_reports_every_figure_as_json_on_the_last_line(capsys):
-    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
-                   "--blocks", "2", "--steps-per-block", "1", "--gemm-size", "128"])
+    result = main(
+        [
+            "--model",
+            "attention56_cifar",
+            "--model-kwargs",
+            TINY,
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--blocks",
+            "2",
+            "--steps-per-block",
+            "1",
+            "--gemm-size",
+            "128",
+        ]
+    )
     out = capsys.readouterr().out.strip().splitlines()
     assert json.loads(out[-1]) == json.loads(json.dumps(result))
     assert KEYS <= set(result)
@@ -33,8 +57,26 @@ def test_bench_reports_every_figure_as_json_on_the_last_line(capsys):
 
 
 def test_bench_bf16_uses_the_bf16_gemm(capsys):
-    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
-                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--precision", "bf16-mixed"])
+    result = main(
+        [
+            "--model",
+            "attention56_cifar",
+            "--model-kwargs",
+            TINY,
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--blocks",
+            "1",
+            "--steps-per-block",
+            "1",
+            "--gemm-size",
+            "128",
+            "--precision",
+            "bf16-mixed",
+        ]
+    )
     assert "mfu_train_bf16" in result and "mfu_train_fp32" not in result
 
 
@@ -48,26 +90,71 @@ def test_bench_epoch_mode_times_a_real_epoch(tmp_path, capsys):
     import datagen
 
     datagen.make_cifar10(tmp_path, n_train_per_batch=20, n_test=20)
-    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "16", "--warmup", "1",
-                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--epoch", "--data-dir",
-                   str(tmp_path), "--val-size", "20"])
+    result = main(
+        [
+            "--model",
+            "attention56_cifar",
+            "--model-kwargs",
+            TINY,
+            "--batch-size",
+            "16",
+            "--warmup",
+            "1",
+            "--blocks",
+            "1",
+            "--steps-per-block",
+            "1",
+            "--gemm-size",
+            "128",
+            "--epoch",
+            "--data-dir",
+            str(tmp_path),
+            "--val-size",
+            "20",
+        ]
+    )
     assert result["epoch_images"] == 80 and result["epoch_steps"] == 5 and result["epoch_s"] > 0
-    assert result["epoch_over_pure_steps"] == pytest.approx(result["epoch_s"] / (5 * result["epoch_pure_step_ms"] / 1e3))
+    assert result["epoch_over_pure_steps"] == pytest.approx(
+        result["epoch_s"] / (5 * result["epoch_pure_step_ms"] / 1e3)
+    )
     assert result["epoch_pure_step_ms"] <= result["train_step_ms"]  # the faster of before and after the epoch
     assert "epoch: " in capsys.readouterr().out
 
 
 def test_bench_profile_lists_the_top_operators(capsys):
-    result = main(["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1",
-                   "--blocks", "1", "--steps-per-block", "1", "--gemm-size", "128", "--profile", "8"])
+    result = main(
+        [
+            "--model",
+            "attention56_cifar",
+            "--model-kwargs",
+            TINY,
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--blocks",
+            "1",
+            "--steps-per-block",
+            "1",
+            "--gemm-size",
+            "128",
+            "--profile",
+            "8",
+        ]
+    )
     rows = result["profile"]
     assert len(rows) == 8
     ops = [r["op"] for r in rows]
     assert "aten::convolution_backward" in ops or "aten::mkldnn_convolution" in ops
-    assert [r["self_ms_per_step"] for r in rows] == sorted((r["self_ms_per_step"] for r in rows), reverse=True)
+    assert [r["self_ms_per_step"] for r in rows] == sorted(
+        (r["self_ms_per_step"] for r in rows), reverse=True
+    )
     assert all(0 < r["share"] <= 1 for r in rows) and sum(r["share"] for r in rows) <= 1 + 1e-6
     # Three profiled steps: every convolution of the network runs once per step.
-    convs = sum(isinstance(m, torch.nn.Conv2d) for m in create_model("attention56_cifar", **json.loads(TINY)).modules())
+    convs = sum(
+        isinstance(m, torch.nn.Conv2d)
+        for m in create_model("attention56_cifar", **json.loads(TINY)).modules()
+    )
     conv = next(r for r in rows if r["op"] in ("aten::convolution_backward", "aten::mkldnn_convolution"))
     assert conv["calls_per_step"] == convs
     out = capsys.readouterr().out

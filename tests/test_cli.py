@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
+
 from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main, wandb_mode
 from ran.module import ImageClassifier
 
@@ -24,26 +24,80 @@ pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeW
 TESTS = Path(__file__).resolve().parent
 
 
-def cifar_fit(data_dir: Path, run_root: Path, name: str, *extra: str,
-              config: str = "cifar10/attention56.yaml", steps: int = 6, logger: str = "csv") -> list[str]:
+def cifar_fit(
+    data_dir: Path,
+    run_root: Path,
+    name: str,
+    *extra: str,
+    config: str = "cifar10/attention56.yaml",
+    steps: int = 6,
+    logger: str = "csv",
+) -> list[str]:
     """`ran fit` arguments for a tiny network on fake CIFAR: 160 training images (10 steps of 16), 40 for
     validation."""
-    return ["fit", "-c", str(CONFIGS / config), "--data.data_dir", str(data_dir), "--data.val_size", "40",
-            "--data.batch_size", "16", "--model.model_kwargs", TINY_MODEL_FLAG,
-            "--trainer.max_steps", str(steps), "--trainer.accelerator", "cpu",
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_model_summary", "false", "--run.root", str(run_root), "--run.name", name,
-            "--run.logger", logger, *extra]
+    return [
+        "fit",
+        "-c",
+        str(CONFIGS / config),
+        "--data.data_dir",
+        str(data_dir),
+        "--data.val_size",
+        "40",
+        "--data.batch_size",
+        "16",
+        "--model.model_kwargs",
+        TINY_MODEL_FLAG,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_model_summary",
+        "false",
+        "--run.root",
+        str(run_root),
+        "--run.name",
+        name,
+        "--run.logger",
+        logger,
+        *extra,
+    ]
 
 
 def imagenet_fit(data_dir: Path, run_root: Path, name: str, *extra: str, steps: int = 3) -> list[str]:
-    return ["fit", "-c", str(CONFIGS / "imagenet/quick_cpu.yaml"), "--data.data_dir", str(data_dir),
-            "--data.batch_size", "4", "--data.num_workers", "0", "--data.image_size", "32",
-            "--data.eval_size", "32",
-            "--model.model_kwargs", TINY_MODEL_FLAG, "--trainer.max_steps", str(steps),
-            "--trainer.limit_train_batches", str(steps), "--trainer.log_every_n_steps", "1",
-            "--trainer.enable_model_summary", "false", "--run.root", str(run_root), "--run.name", name,
-            "--run.logger", "csv", *extra]
+    return [
+        "fit",
+        "-c",
+        str(CONFIGS / "imagenet/quick_cpu.yaml"),
+        "--data.data_dir",
+        str(data_dir),
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--data.image_size",
+        "32",
+        "--data.eval_size",
+        "32",
+        "--model.model_kwargs",
+        TINY_MODEL_FLAG,
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_train_batches",
+        str(steps),
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_model_summary",
+        "false",
+        "--run.root",
+        str(run_root),
+        "--run.name",
+        name,
+        "--run.logger",
+        "csv",
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
@@ -60,6 +114,7 @@ def load_ckpt(path: Path) -> dict:
 
 
 # --- training runs ------------------------------------------------------------------------------------------
+
 
 def test_fit_cifar10_writes_the_run_directory(cifar10_dir, run_root):
     assert main(cifar_fit(cifar10_dir, run_root, "c10", steps=10)) == 0
@@ -82,8 +137,17 @@ def test_fit_cifar10_writes_the_run_directory(cifar10_dir, run_root):
 
 
 def test_fit_cifar100_links_its_100_classes(cifar100_dir, run_root):
-    args = cifar_fit(cifar100_dir, run_root, "c100", "--data.val_size", "100",
-                     "--trainer.limit_train_batches", "4", config="cifar100/attention92.yaml", steps=4)
+    args = cifar_fit(
+        cifar100_dir,
+        run_root,
+        "c100",
+        "--data.val_size",
+        "100",
+        "--trainer.limit_train_batches",
+        "4",
+        config="cifar100/attention92.yaml",
+        steps=4,
+    )
     assert main(args) == 0
     run = run_root / "c100"
     assert load_ckpt(run / "checkpoints/last.ckpt")["state_dict"]["net.fc.weight"].shape == (100, 64)
@@ -120,11 +184,14 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
 
 def callbacks(*probes: tuple[str, dict]) -> str:
     """A `--trainer.callbacks` value: (class name in probes.py, init_args) pairs."""
-    return json.dumps([{"class_path": f"probes.{name}", "init_args": init_args} for name, init_args in probes])
+    return json.dumps(
+        [{"class_path": f"probes.{name}", "init_args": init_args} for name, init_args in probes]
+    )
 
 
-def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, run_root, tmp_path,
-                                                                   monkeypatch):
+def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(
+    cifar10_dir, run_root, tmp_path, monkeypatch
+):
     monkeypatch.setenv("WANDB_MODE", "offline")
     probe = callbacks(("ResumeProbe", {"out_dir": str(tmp_path / "probe")}))
     common = ("--model.scale_lr", "false", "--model.milestones", "[4]", "--trainer.callbacks", probe)
@@ -134,8 +201,14 @@ def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, r
     assert saved["global_step"] == 6
     assert saved["lr_schedulers"][0]["_last_lr"] == [pytest.approx(0.01)]  # /10 at step 4
 
-    assert main(cifar_fit(cifar10_dir, run_root, "resume", *common, "--ckpt_path", "last", steps=8,
-                          logger="wandb")) == 0
+    assert (
+        main(
+            cifar_fit(
+                cifar10_dir, run_root, "resume", *common, "--ckpt_path", "last", steps=8, logger="wandb"
+            )
+        )
+        == 0
+    )
     start = json.loads((tmp_path / "probe/resume_rank0.json").read_text())
     assert start["global_step"] == 6 and start["lr"] == pytest.approx(0.01)
     momentum = saved["optimizer_states"][0]["state"][0]["momentum_buffer"]
@@ -148,12 +221,20 @@ def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, r
     offline = sorted((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(d.name.endswith(run_id) for d in offline)
     records = [wandb_records(d / f"run-{run_id}.wandb") for d in offline]
-    config = {u.key or "/".join(u.nested_key): json.loads(u.value_json)
-              for r in records[0] if r.HasField("config") for u in r.config.update}
+    config = {
+        u.key or "/".join(u.nested_key): json.loads(u.value_json)
+        for r in records[0]
+        if r.HasField("config")
+        for u in r.config.update
+    }
     assert config["model"]["arch"] == "attention56_cifar" and config["run"]["name"] == "resume"
     assert config["trainer/effective_batch_size"] == 16
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-               for rs in records for r in rs if r.HasField("history")]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for rs in records
+        for r in rs
+        if r.HasField("history")
+    ]
     steps = sorted({h["trainer/global_step"] for h in history if "train/loss" in h})
     assert steps == list(range(8))
     assert any("train/lr" in h for h in history)
@@ -165,11 +246,22 @@ def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(cifar10_dir, r
 def test_ddp_on_two_cpu_processes_syncs_metrics(cifar10_dir, run_root, tmp_path):
     """`strategy=ddp` relaunches the command, so it runs as one (python -m ran.cli) with 2 gloo processes."""
     probe = callbacks(("SyncProbe", {"out_dir": str(tmp_path / "probe")}))
-    args = cifar_fit(cifar10_dir, run_root, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-                     "--trainer.callbacks", probe, steps=5)  # 160 images / (2 x 16) = 5 steps: one epoch
+    args = cifar_fit(
+        cifar10_dir,
+        run_root,
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.callbacks",
+        probe,
+        steps=5,
+    )  # 160 images / (2 x 16) = 5 steps: one epoch
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"probe/sync_rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["total"] for r in ranks] == [20, 20]
@@ -191,16 +283,27 @@ def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run
     scontrol = bin_dir / "scontrol"  # records the call, then kills the job as SLURM would
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.txt\nkill -9 $PPID\n')
     scontrol.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]), "SLURM_JOB_ID": "4242",
-           "SLURM_JOB_NAME": "ran", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1",
-           "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(REPO)]),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "ran",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+    }
     recorder = ("ResumeProbe", {"out_dir": str(tmp_path / "probe")})
     probe = callbacks(("PreemptAt", {"step": 3}), recorder)
     args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", probe, steps=6)
 
-    first = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
-                           timeout=300)
+    first = subprocess.run(
+        [sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert first.returncode == -9, first.stderr[-3000:]  # killed by the (fake) requeue
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
     run = run_root / "slurm"
@@ -208,14 +311,16 @@ def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run
 
     probe = callbacks(recorder)
     args = cifar_fit(cifar10_dir, run_root, "slurm", "--trainer.callbacks", probe, steps=6)
-    second = subprocess.run([sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True,
-                            timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", "ran.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert json.loads((tmp_path / "probe/resume_rank0.json").read_text())["global_step"] == 3
     assert load_ckpt(run / "checkpoints/last.ckpt")["global_step"] == 6
 
 
 # --- run directories ----------------------------------------------------------------------------------------
+
 
 def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, capsys):
     run = run_root / "taken"
@@ -237,14 +342,17 @@ def test_resuming_without_a_checkpoint_is_an_error(cifar10_dir, run_root, capsys
     assert "--ckpt_path last: no checkpoint in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({}, "offline"),  # no API key anywhere
-    ({"WANDB_API_KEY": "k" * 40}, "online"),
-    ({"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
-    ({"WANDB_MODE": "dryrun"}, "offline"),
-    ({"WANDB_MODE": "disabled"}, "disabled"),
-    ({"NETRC": "netrc"}, "online"),  # a ~/.netrc entry for api.wandb.ai
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, "offline"),  # no API key anywhere
+        ({"WANDB_API_KEY": "k" * 40}, "online"),
+        ({"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "offline"}, "offline"),
+        ({"WANDB_MODE": "dryrun"}, "offline"),
+        ({"WANDB_MODE": "disabled"}, "disabled"),
+        ({"NETRC": "netrc"}, "online"),  # a ~/.netrc entry for api.wandb.ai
+    ],
+)
 def test_wandb_is_offline_without_credentials(env, expected, tmp_path, monkeypatch):
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
     (tmp_path / "empty_netrc").write_text("")
@@ -256,11 +364,18 @@ def test_wandb_is_offline_without_credentials(env, expected, tmp_path, monkeypat
     assert wandb_mode() == expected
 
 
-@pytest.mark.parametrize("env,zero", [
-    ({}, True), ({"RANK": "0"}, True), ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun
-    ({"LOCAL_RANK": "1"}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's DDP launcher
-    ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False), ({"SLURM_PROCID": "5"}, False),  # srun
-])
+@pytest.mark.parametrize(
+    "env,zero",
+    [
+        ({}, True),
+        ({"RANK": "0"}, True),
+        ({"RANK": "3", "LOCAL_RANK": "0"}, False),  # torchrun
+        ({"LOCAL_RANK": "1"}, False),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's DDP launcher
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),
+        ({"SLURM_PROCID": "5"}, False),  # srun
+    ],
+)
 def test_rank_zero_is_known_before_the_process_group(env, zero, monkeypatch):
     for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
         monkeypatch.delenv(key, raising=False)
@@ -270,6 +385,7 @@ def test_rank_zero_is_known_before_the_process_group(env, zero, monkeypatch):
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
+
 
 def test_missing_data_directory(tmp_path, run_root, capsys):
     args = cifar_fit(tmp_path / "nowhere", run_root, "missing", "--data.download", "false")
@@ -294,8 +410,9 @@ def test_unknown_ablation_value_is_a_clear_error(cifar10_dir, run_root, capsys):
 
 
 def test_the_logger_is_chosen_by_run_logger(cifar10_dir, run_root, capsys):
-    csv_logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger",
-                             "init_args": {"save_dir": "logs"}})
+    csv_logger = json.dumps(
+        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
+    )
     args = cifar_fit(cifar10_dir, run_root, "x", "--trainer.logger", csv_logger)
     assert main(args) == 2
     assert "choose the logger with --run.logger (wandb, csv or none)" in capsys.readouterr().err
@@ -337,8 +454,16 @@ SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if "base" not in p.parts)
 
 def test_every_model_and_dataset_of_the_paper_has_a_config():
     names = {str(p.relative_to(CONFIGS)) for p in SHIPPED}
-    cifar = ["attention56", "attention92", "attention128", "attention164", "attention236", "attention452",
-             "preact_resnet164", "preact_resnet1001"]
+    cifar = [
+        "attention56",
+        "attention92",
+        "attention128",
+        "attention164",
+        "attention236",
+        "attention452",
+        "preact_resnet164",
+        "preact_resnet1001",
+    ]
     expected = {f"{d}/{m}.yaml" for d in ("cifar10", "cifar100") for m in cifar}
     expected |= {f"imagenet/{m}.yaml" for m in ("attention56", "attention92", "attention_next56")}
     assert expected <= names
@@ -367,16 +492,19 @@ def test_print_config_shows_the_merged_config(config, capsys):
 def test_base_inheritance_rules(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base/root.yaml").write_text(
-        "model: {lr: 0.1, milestones: [1, 2]}\ndata: {class_path: a.A, init_args: {x: 1, y: 2}}\n")
+        "model: {lr: 0.1, milestones: [1, 2]}\ndata: {class_path: a.A, init_args: {x: 1, y: 2}}\n"
+    )
     (tmp_path / "base/mid.yaml").write_text(
-        "__base__: root.yaml\nmodel: {momentum: 0.9}\ndata: {init_args: {y: 3}}\n")
-    (tmp_path / "leaf.yaml").write_text(
-        "__base__: base/mid.yaml\nmodel: {milestones: [5]}\n")
+        "__base__: root.yaml\nmodel: {momentum: 0.9}\ndata: {init_args: {y: 3}}\n"
+    )
+    (tmp_path / "leaf.yaml").write_text("__base__: base/mid.yaml\nmodel: {milestones: [5]}\n")
     assert load_config(tmp_path / "leaf.yaml") == {
         "model": {"lr": 0.1, "milestones": [5], "momentum": 0.9},
-        "data": {"class_path": "a.A", "init_args": {"x": 1, "y": 3}}}
+        "data": {"class_path": "a.A", "init_args": {"x": 1, "y": 3}},
+    }
     (tmp_path / "other.yaml").write_text(
-        "__base__: [base/mid.yaml]\ndata: {class_path: b.B, init_args: {z: 1}}\n")
+        "__base__: [base/mid.yaml]\ndata: {class_path: b.B, init_args: {z: 1}}\n"
+    )
     assert load_config(tmp_path / "other.yaml")["data"] == {"class_path": "b.B", "init_args": {"z": 1}}
 
     (tmp_path / "loop_a.yaml").write_text("__base__: loop_b.yaml\n")
@@ -401,14 +529,34 @@ def test_usage_without_a_subcommand(capsys):
 
 # --- real data ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_short_run_on_real_cifar10_beats_chance(run_root):
     if not (SHARED_DATA / "cifar-10-batches-py").is_dir():
         pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA / 'cifar-10-batches-py'}")
-    args = ["fit", "-c", str(CONFIGS / "cifar10/quick_cpu.yaml"), "--data.data_dir", str(SHARED_DATA),
-            "--data.val_size", "2000", "--model.model_kwargs", TINY_MODEL_FLAG, "--trainer.max_steps", "150",
-            "--trainer.limit_train_batches", "150", "--trainer.enable_model_summary", "false",
-            "--run.root", str(run_root), "--run.name", "real", "--run.logger", "csv"]
+    args = [
+        "fit",
+        "-c",
+        str(CONFIGS / "cifar10/quick_cpu.yaml"),
+        "--data.data_dir",
+        str(SHARED_DATA),
+        "--data.val_size",
+        "2000",
+        "--model.model_kwargs",
+        TINY_MODEL_FLAG,
+        "--trainer.max_steps",
+        "150",
+        "--trainer.limit_train_batches",
+        "150",
+        "--trainer.enable_model_summary",
+        "false",
+        "--run.root",
+        str(run_root),
+        "--run.name",
+        "real",
+        "--run.logger",
+        "csv",
+    ]
     assert main(args) == 0
     assert logged(metrics(run_root / "real"), "val/acc1")[-1] > 0.25  # chance is 0.10

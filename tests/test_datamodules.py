@@ -10,6 +10,7 @@ import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
 
+import datagen
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -18,7 +19,6 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import CIFAR10
 from torchvision.transforms.v2 import functional as TF
 
-import datagen
 from datamodules import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -122,9 +122,9 @@ def test_constructor_is_cli_friendly():
     for cls in (CIFAR10DataModule, ImageNetDataModule):
         for name, param in inspect.signature(cls.__init__).parameters.items():
             if name != "self":
-                assert (
-                    param.annotation is not inspect.Parameter.empty
-                ), f"{cls.__name__}.{name} lacks a type hint"
+                assert param.annotation is not inspect.Parameter.empty, (
+                    f"{cls.__name__}.{name} lacks a type hint"
+                )
     for name, param in inspect.signature(CIFAR10DataModule.__init__).parameters.items():
         if name != "self":
             assert param.default is not inspect.Parameter.empty, name

@@ -9,10 +9,10 @@ import stat
 import sys
 from pathlib import Path
 
+import datagen
 import pytest
 import yaml
 
-import datagen
 from experiments.__main__ import main as experiments_main
 from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm, sbatch_script
 from experiments.report import collect, markdown_table, report
@@ -32,8 +32,15 @@ def in_repo(monkeypatch):
 
 
 def test_the_paper_tables_are_suites():
-    assert set(suite_names()) == {"activation", "arl_vs_nal", "mask_structure", "label_noise", "cifar", "imagenet",
-                                  "attention_family"}
+    assert set(suite_names()) == {
+        "activation",
+        "arl_vs_nal",
+        "mask_structure",
+        "label_noise",
+        "cifar",
+        "imagenet",
+        "attention_family",
+    }
     assert load_suite("table3").name == "arl_vs_nal"
     assert [r.factors["depth"] for r in load_suite("table3").runs] == [56, 56, 92, 92, 128, 128, 164, 164]
     assert load_suite("table3").run("attention164_nal").paper == {"test/err1": 7.18}
@@ -60,8 +67,7 @@ def test_run_config_states_its_factors(suite, run):
     if "noise" in spec.factors:
         assert cfg["data"]["init_args"]["clean_label_ratio"] == pytest.approx(1 - spec.factors["noise"] / 100)
     if "dataset" in spec.factors:
-        assert cfg["data"]["class_path"].endswith(spec.factors["dataset"].upper()
-                                                  + "DataModule")
+        assert cfg["data"]["class_path"].endswith(spec.factors["dataset"].upper() + "DataModule")
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +85,23 @@ def fake_data(tmp_path_factory):
 def test_every_run_config_trains_a_smoke_step(suite, run, fake_data, tmp_path):
     spec = load_suite(suite)
     data_dir = fake_data / "imagenet" if spec.budget_family == "imagenet" else fake_data
-    job = make_jobs(spec, "smoke", [0], tmp_path, [run], ["--data.init_args.data_dir", str(data_dir),
-                                                          "--trainer.max_steps", "1", "--trainer.val_check_interval",
-                                                          "1", "--trainer.limit_val_batches", "1"])[0]
+    job = make_jobs(
+        spec,
+        "smoke",
+        [0],
+        tmp_path,
+        [run],
+        [
+            "--data.init_args.data_dir",
+            str(data_dir),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+        ],
+    )[0]
     assert ran_main(job.fit_args()) == 0
     results = json.loads((job.run_dir / "results.json").read_text())
     assert results["fit"]["status"] == "finished" and results["fit"]["global_step"] == 1
@@ -89,7 +109,9 @@ def test_every_run_config_trains_a_smoke_step(suite, run, fake_data, tmp_path):
 
 
 def test_command_list_fits_then_tests_every_run_and_seed(tmp_path):
-    jobs = make_jobs(load_suite("table3"), "paper", [0, 1], tmp_path, extra=["--trainer.precision", "bf16-mixed"])
+    jobs = make_jobs(
+        load_suite("table3"), "paper", [0, 1], tmp_path, extra=["--trainer.precision", "bf16-mixed"]
+    )
     lines = command_list(jobs)
     assert len(lines) == 16
     fit, test = lines[3].split(" && ")
@@ -103,20 +125,46 @@ def test_command_list_fits_then_tests_every_run_and_seed(tmp_path):
 
 
 def test_cli_list_launcher_prints_commands(capsys):
-    assert experiments_main(["run", "table4", "--budget", "cpu-mini", "--launcher", "list", "--seeds", "3",
-                             "--data-dir", "/data", "--", "--trainer.max_steps", "10"]) == 0
+    assert (
+        experiments_main(
+            [
+                "run",
+                "table4",
+                "--budget",
+                "cpu-mini",
+                "--launcher",
+                "list",
+                "--seeds",
+                "3",
+                "--data-dir",
+                "/data",
+                "--",
+                "--trainer.max_steps",
+                "10",
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert "experiments/budgets/cifar/cpu-mini.yaml" in lines[0]
-    assert "--data.init_args.data_dir /data" in lines[0] and lines[0].split(" && ")[0].endswith("--trainer.max_steps 10")
+    assert "--data.init_args.data_dir /data" in lines[0] and lines[0].split(" && ")[0].endswith(
+        "--trainer.max_steps 10"
+    )
 
 
 def test_slurm_scripts_take_resources_from_the_config(tmp_path):
     jobs = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"])
     script = sbatch_script(jobs[0], SlurmOptions(partition="gpu", time="72:00:00"))
-    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8",
-                 "#SBATCH --signal=SIGUSR1@90", "#SBATCH --requeue", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=72:00:00"):
+    for line in (
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gres=gpu:8",
+        "#SBATCH --signal=SIGUSR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=72:00:00",
+    ):
         assert line in script
     assert "srun ran fit -c experiments/suites/imagenet/attention92.yaml" in script
     assert "--ckpt_path best" in script
@@ -126,8 +174,14 @@ def test_slurm_scripts_take_resources_from_the_config(tmp_path):
     cifar = sbatch_script(make_jobs(load_suite("table3"), "cpu-mini", [0], tmp_path)[0], SlurmOptions())
     assert "#SBATCH --ntasks-per-node=1" in cifar
     # Overrides after `--` reach the resources as they reach the runs.
-    wider = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"],
-                      ["--trainer.devices", "4", "--trainer.num_nodes=2"])
+    wider = make_jobs(
+        load_suite("imagenet"),
+        "paper",
+        [0],
+        tmp_path,
+        ["attention92"],
+        ["--trainer.devices", "4", "--trainer.num_nodes=2"],
+    )
     script = sbatch_script(wider[0], SlurmOptions())
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4"):
         assert line in script
@@ -188,10 +242,15 @@ def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):
     assert statuses[jobs[2].name] == 2 and (stale / "notes.txt").read_text() == "keep me"
 
 
-def _finish(root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100) -> None:
+def _finish(
+    root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100
+) -> None:
     run_dir = root / suite / budget / run / f"seed{seed}"
-    update_results(run_dir, "fit", {"status": "finished" if err1 is not None else "running", "global_step": step,
-                                    "max_steps": 100})
+    update_results(
+        run_dir,
+        "fit",
+        {"status": "finished" if err1 is not None else "running", "global_step": step, "max_steps": 100},
+    )
     if err1 is not None:
         update_results(run_dir, "test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})
 
@@ -211,13 +270,20 @@ def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
     assert md.read_text() == text
     csv_rows = csv_path.read_text().splitlines()
     assert csv_rows[0] == "suite,budget,run,depth,learning,metric,status,seeds,n,mean,std,paper,diff"
-    assert "arl_vs_nal,cpu-mini,attention56_arl,56,arl,test/err1,done,0 1,2,31.0000,1.4142,5.52,25.4800" in csv_rows
+    assert (
+        "arl_vs_nal,cpu-mini,attention56_arl,56,arl,test/err1,done,0 1,2,31.0000,1.4142,5.52,25.4800"
+        in csv_rows
+    )
 
 
 def test_report_cli_prints_and_writes(tmp_path, capsys):
     _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
-    assert experiments_main(["report", "table4", "--budget", "smoke", "--root", str(tmp_path),
-                             "--out", str(tmp_path / "out")]) == 0
+    assert (
+        experiments_main(
+            ["report", "table4", "--budget", "smoke", "--root", str(tmp_path), "--out", str(tmp_path / "out")]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| local | 50.00 | 6.48 | +43.52 |" in out and "| hourglass | missing | 5.52 | - |" in out
     assert (tmp_path / "out" / "mask_structure-smoke.csv").is_file()

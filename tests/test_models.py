@@ -11,21 +11,40 @@ import torch
 import torch.nn.functional as F
 
 import ran
-from ran.layers import (AttentionModule, ChannelAttention, HourglassMask, LocalMask, MixedAttention,
-                        PreActBottleneck, SpatialAttention, hourglass_unit_count)
+from ran.layers import (
+    AttentionModule,
+    ChannelAttention,
+    HourglassMask,
+    LocalMask,
+    MixedAttention,
+    PreActBottleneck,
+    SpatialAttention,
+    hourglass_unit_count,
+)
 from ran.summary import count_macs, count_params, summary_main
 
 EXPECTED = Path(__file__).parent / "expected" / "seeded_outputs.json"
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
-PAPER_VARIANTS = ["attention56_cifar", "attention92_cifar", "attention128_cifar", "attention164_cifar",
-                  "attention236_cifar", "attention452_cifar", "preact_resnet164_cifar", "preact_resnet1001_cifar",
-                  "attention56", "attention92", "attention_next56"]
+PAPER_VARIANTS = [
+    "attention56_cifar",
+    "attention92_cifar",
+    "attention128_cifar",
+    "attention164_cifar",
+    "attention236_cifar",
+    "attention452_cifar",
+    "preact_resnet164_cifar",
+    "preact_resnet1001_cifar",
+    "attention56",
+    "attention92",
+    "attention_next56",
+]
 
 
 def test_every_paper_variant_is_registered():
     assert set(PAPER_VARIANTS) <= set(ran.list_models())
-    assert ran.list_models("attention*_cifar") == sorted(n for n in PAPER_VARIANTS if n.startswith("attention")
-                                                         and n.endswith("_cifar"))
+    assert ran.list_models("attention*_cifar") == sorted(
+        n for n in PAPER_VARIANTS if n.startswith("attention") and n.endswith("_cifar")
+    )
 
 
 @pytest.mark.parametrize("name", PAPER_VARIANTS)
@@ -47,25 +66,49 @@ def main_path_depth(model: ran.ResidualAttentionNet) -> int:
     units = 0
     for stage in model.stages:
         for block in stage:
-            units += 1 if isinstance(block, PreActBottleneck) else len(block.pre) + len(block.trunk) + len(block.post)
+            units += (
+                1
+                if isinstance(block, PreActBottleneck)
+                else len(block.pre) + len(block.trunk) + len(block.post)
+            )
     return 3 * units + 2
 
 
-@pytest.mark.parametrize("name,depth", [("attention56_cifar", 56), ("attention92_cifar", 92),
-                                        ("attention128_cifar", 128), ("attention164_cifar", 164),
-                                        ("attention236_cifar", 236), ("attention452_cifar", 452),
-                                        ("preact_resnet164_cifar", 164), ("preact_resnet1001_cifar", 1001),
-                                        ("attention56", 56), ("attention92", 92), ("attention_next56", 56)])
+@pytest.mark.parametrize(
+    "name,depth",
+    [
+        ("attention56_cifar", 56),
+        ("attention92_cifar", 92),
+        ("attention128_cifar", 128),
+        ("attention164_cifar", 164),
+        ("attention236_cifar", 236),
+        ("attention452_cifar", 452),
+        ("preact_resnet164_cifar", 164),
+        ("preact_resnet1001_cifar", 1001),
+        ("attention56", 56),
+        ("attention92", 92),
+        ("attention_next56", 56),
+    ],
+)
 def test_depth_matches_the_name(name, depth):
     assert main_path_depth(ran.create_model(name)) == depth
 
 
 # --- sizes (Sec. 4, Tables 5-7; figures in shared/paper.md) ------------------------------------------------
 
-@pytest.mark.parametrize("name,paper_m,tol", [
-    ("attention92_cifar", 1.9, 0.05), ("attention236_cifar", 5.1, 0.05), ("attention452_cifar", 8.6, 0.05),
-    ("preact_resnet164_cifar", 1.7, 0.03), ("preact_resnet1001_cifar", 10.3, 0.03),
-    ("attention56", 31.9, 0.03), ("attention92", 51.3, 0.03)])
+
+@pytest.mark.parametrize(
+    "name,paper_m,tol",
+    [
+        ("attention92_cifar", 1.9, 0.05),
+        ("attention236_cifar", 5.1, 0.05),
+        ("attention452_cifar", 8.6, 0.05),
+        ("preact_resnet164_cifar", 1.7, 0.03),
+        ("preact_resnet1001_cifar", 10.3, 0.03),
+        ("attention56", 31.9, 0.03),
+        ("attention92", 51.3, 0.03),
+    ],
+)
 def test_parameter_counts_match_the_paper(name, paper_m, tol):
     num_classes = 1000 if "cifar" not in name else 10
     params = count_params(ran.create_model(name, num_classes=num_classes)) / 1e6
@@ -87,14 +130,26 @@ def test_released_model_files_are_matched_exactly():
 
 # --- gradients ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mask,attention,learning", [
-    ("hourglass", "mixed", "arl"), ("hourglass", "channel", "nal"), ("hourglass", "spatial", "arl"),
-    ("local", "mixed", "nal"), ("cbam", "mixed", "arl"), ("cbam_channel", "mixed", "nal"),
-    ("cbam_spatial", "mixed", "arl"), ("se", "mixed", "arl"), ("none", "mixed", "arl")])
+
+@pytest.mark.parametrize(
+    "mask,attention,learning",
+    [
+        ("hourglass", "mixed", "arl"),
+        ("hourglass", "channel", "nal"),
+        ("hourglass", "spatial", "arl"),
+        ("local", "mixed", "nal"),
+        ("cbam", "mixed", "arl"),
+        ("cbam_channel", "mixed", "nal"),
+        ("cbam_spatial", "mixed", "arl"),
+        ("se", "mixed", "arl"),
+        ("none", "mixed", "arl"),
+    ],
+)
 def test_backward_reaches_every_parameter(mask, attention, learning):
     torch.manual_seed(0)
-    model = ran.create_model("attention56_cifar", num_classes=5, mask=mask, attention=attention, learning=learning,
-                             **TINY)
+    model = ran.create_model(
+        "attention56_cifar", num_classes=5, mask=mask, attention=attention, learning=learning, **TINY
+    )
     x = torch.randn(4, 3, 32, 32)
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 3])).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -105,6 +160,7 @@ def test_backward_reaches_every_parameter(mask, attention, learning):
 
 
 # --- the module's equations ---------------------------------------------------------------------------------
+
 
 def _force_mask(module: AttentionModule, value: float):
     return module.mask_out.register_forward_hook(lambda _m, _i, out: torch.full_like(out, value))
@@ -143,7 +199,7 @@ def test_activations_equal_their_formulas():
     torch.manual_seed(0)
     x = torch.randn(3, 6, 5, 7) * 3
     torch.testing.assert_close(MixedAttention()(x), 1 / (1 + torch.exp(-x)))
-    norm = torch.sqrt((x ** 2).sum(dim=1, keepdim=True))
+    norm = torch.sqrt((x**2).sum(dim=1, keepdim=True))
     torch.testing.assert_close(ChannelAttention()(x), x / norm)
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.std(dim=(2, 3), keepdim=True, unbiased=False)
@@ -178,6 +234,7 @@ def test_channel_mask_has_unit_norm_at_every_position():
 
 # --- the soft mask branches ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [(15, 15), (9, 13), (8, 8), (57, 56)])
 def test_hourglass_upsamples_to_the_exact_size(size):
     mask = HourglassMask(8, PreActBottleneck, r=1, pool_levels=3, bottom_units=2, attention="mixed")
@@ -203,9 +260,17 @@ def test_local_mask_has_as_many_units_as_the_hourglass_and_keeps_resolution():
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in local.modules())
 
 
-@pytest.mark.parametrize("mask,shape", [("cbam", (2, 64, 32, 32)), ("cbam_channel", (2, 64, 1, 1)),
-                                        ("cbam_spatial", (2, 1, 32, 32)), ("se", (2, 64, 1, 1)),
-                                        ("hourglass", (2, 64, 32, 32)), ("local", (2, 64, 32, 32))])
+@pytest.mark.parametrize(
+    "mask,shape",
+    [
+        ("cbam", (2, 64, 32, 32)),
+        ("cbam_channel", (2, 64, 1, 1)),
+        ("cbam_spatial", (2, 1, 32, 32)),
+        ("se", (2, 64, 1, 1)),
+        ("hourglass", (2, 64, 32, 32)),
+        ("local", (2, 64, 32, 32)),
+    ],
+)
 def test_soft_masks_have_the_documented_shapes(mask, shape):
     model = ran.create_model("attention56_cifar", mask=mask).eval()
     masks = model.soft_masks(torch.randn(2, 3, 32, 32))
@@ -232,6 +297,7 @@ def test_no_mask_is_the_plain_trunk_of_equal_depth():
 
 # --- the shared interface -----------------------------------------------------------------------------------
 
+
 def test_reset_classifier_and_features():
     model = ran.create_model("attention56_cifar", **TINY).eval()
     x = torch.randn(2, 3, 32, 32)
@@ -256,10 +322,16 @@ def test_initialisation():
 
 # --- stored outputs (a silent architecture change fails here) -----------------------------------------------
 
-SEEDED = {"attention56_cifar": {"num_classes": 10},
-          "attention56_cifar-spatial-nal-local": {"num_classes": 10, "attention": "spatial", "learning": "nal",
-                                                  "mask": "local"},
-          "attention56_cifar-cbam": {"num_classes": 10, "mask": "cbam"}}
+SEEDED = {
+    "attention56_cifar": {"num_classes": 10},
+    "attention56_cifar-spatial-nal-local": {
+        "num_classes": 10,
+        "attention": "spatial",
+        "learning": "nal",
+        "mask": "local",
+    },
+    "attention56_cifar-cbam": {"num_classes": 10, "mask": "cbam"},
+}
 
 
 def _seeded_output(key: str) -> torch.Tensor:
@@ -287,11 +359,16 @@ def test_seeded_outputs_equal_the_stored_values(key):
 
 # --- bad arguments ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,words", [
-    ({"attention": "softmax"}, ["attention", "'mixed'", "'channel'", "'spatial'"]),
-    ({"learning": "residual"}, ["learning", "'arl'", "'nal'"]),
-    ({"mask": "unet"}, ["mask", "'hourglass'", "'local'", "'cbam'", "'se'", "'none'"]),
-    ({"mask": "se", "attention": "channel"}, ["'hourglass'", "'local'", "attention='mixed'"])])
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"attention": "softmax"}, ["attention", "'mixed'", "'channel'", "'spatial'"]),
+        ({"learning": "residual"}, ["learning", "'arl'", "'nal'"]),
+        ({"mask": "unet"}, ["mask", "'hourglass'", "'local'", "'cbam'", "'se'", "'none'"]),
+        ({"mask": "se", "attention": "channel"}, ["'hourglass'", "'local'", "attention='mixed'"]),
+    ],
+)
 def test_bad_arguments_name_the_valid_choices(kwargs, words):
     with pytest.raises(ValueError) as err:
         ran.create_model("attention56_cifar", **kwargs)
@@ -316,6 +393,7 @@ def test_too_small_input_names_the_minimum():
 
 # --- ran summary --------------------------------------------------------------------------------------------
 
+
 def test_summary_prints_parameters_macs_and_stage_shapes(capsys):
     assert summary_main(["attention56"]) == 0
     out = capsys.readouterr().out
@@ -332,6 +410,9 @@ def test_summary_of_unknown_model_exits_nonzero(capsys):
 
 def test_readme_size_table_is_what_the_code_prints():
     from ran.summary import size_table
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("<!-- sizes:start -->")[1].split("<!-- sizes:end -->")[0].strip()
-    assert table == size_table(markdown=True), "README's size table is stale: run `ran summary --all --markdown`"
+    assert table == size_table(markdown=True), (
+        "README's size table is stale: run `ran summary --all --markdown`"
+    )

@@ -28,9 +28,17 @@ def tiny(num_classes: int = 10, **kwargs) -> ImageClassifier:
 
 
 def trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, logger=CSVLogger(tmp_path, name="csv"),
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    num_sanity_val_steps=0, default_root_dir=tmp_path, log_every_n_steps=1)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -41,10 +49,12 @@ def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
 
 # --- learning-rate schedule ---------------------------------------------------------------------------------
 
+
 def test_step_schedule_divides_by_ten_at_the_paper_iterations():
     factor = LRFactor("step", milestones=(64_000, 96_000), gamma=0.1, total_steps=160_000)
     assert [factor(s) for s in (0, 63_999, 64_000, 95_999, 96_000, 159_999)] == pytest.approx(
-        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    )
     imagenet = LRFactor("step", milestones=(200_000, 400_000, 500_000), total_steps=530_000)
     assert imagenet(529_999) == pytest.approx(1e-3)
 
@@ -59,10 +69,16 @@ def test_cosine_schedule_and_warmup():
 
 # --- the module ---------------------------------------------------------------------------------------------
 
+
 def test_builds_any_registered_network_with_its_ablation_switches():
-    module = ImageClassifier("attention56_cifar", num_classes=7, attention="channel", learning="nal",
-                             mask="local",
-                             model_kwargs={"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64})
+    module = ImageClassifier(
+        "attention56_cifar",
+        num_classes=7,
+        attention="channel",
+        learning="nal",
+        mask="local",
+        model_kwargs={"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64},
+    )
     attention = next(iter(module.net.attention_modules.values()))
     assert attention.learning == "nal"
     assert module(torch.randn(2, 3, 32, 32)).shape == (2, 7)
@@ -76,8 +92,14 @@ def test_unknown_network_lists_the_known_ones():
 
 def test_metric_objects_are_separate_per_split_and_top5_needs_five_classes():
     module = tiny(num_classes=3)
-    metrics = [module.train_acc1, module.val_acc1, module.test_acc1, module.train_acc5, module.val_acc5,
-               module.test_acc5]
+    metrics = [
+        module.train_acc1,
+        module.val_acc1,
+        module.test_acc1,
+        module.train_acc5,
+        module.val_acc5,
+        module.test_acc5,
+    ]
     assert len({id(m) for m in metrics}) == len(metrics)
     assert module.top_k == 3 and tiny(num_classes=10).top_k == 5
 
@@ -85,8 +107,9 @@ def test_metric_objects_are_separate_per_split_and_top5_needs_five_classes():
 def test_sync_batchnorm_only_on_multi_process_cuda_runs():
     def converted(world_size: int, device: str, stages: tuple[str, ...] = ("fit",)) -> bool:
         module = tiny()
-        module._trainer = SimpleNamespace(world_size=world_size,
-                                          strategy=SimpleNamespace(root_device=torch.device(device)))
+        module._trainer = SimpleNamespace(
+            world_size=world_size, strategy=SimpleNamespace(root_device=torch.device(device))
+        )
         for stage in stages:
             module.setup(stage)
         return any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
@@ -115,8 +138,10 @@ def test_learning_rate_scales_with_the_global_batch(tmp_path, cifar10_dir):
     t.fit(module, data)
     assert effective_batch_size(t) == 16
     rows = read_metrics(t.logger)
-    first = {key: float(next(r[key] for r in rows if r.get(key)))
-             for key in ("trainer/effective_batch_size", "trainer/lr_scaled")}
+    first = {
+        key: float(next(r[key] for r in rows if r.get(key)))
+        for key in ("trainer/effective_batch_size", "trainer/lr_scaled")
+    }
     assert first == {"trainer/effective_batch_size": 16.0, "trainer/lr_scaled": pytest.approx(0.025)}
     scheduler_lr = t.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
     assert scheduler_lr == pytest.approx(0.1 * 16 / 64 * 0.1)  # past the milestone at step 3
@@ -126,10 +151,14 @@ def test_learning_rate_scales_with_the_global_batch(tmp_path, cifar10_dir):
 
 
 def test_validation_and_test_metrics(tmp_path, imagenet_dir):
-    data = ImageNetDataModule(str(imagenet_dir), batch_size=4, num_workers=0, pin_memory=False, image_size=32,
-                              eval_size=32)
-    module = ImageClassifier("attention56", num_classes=data.num_classes,
-                             model_kwargs={"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64})
+    data = ImageNetDataModule(
+        str(imagenet_dir), batch_size=4, num_workers=0, pin_memory=False, image_size=32, eval_size=32
+    )
+    module = ImageClassifier(
+        "attention56",
+        num_classes=data.num_classes,
+        model_kwargs={"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64},
+    )
     t = trainer(tmp_path, max_epochs=3)
     t.fit(module, data)
     t.test(module, data, verbose=False)
@@ -143,8 +172,10 @@ def test_validation_and_test_metrics(tmp_path, imagenet_dir):
     assert all(b2 >= b1 for b1, b2 in zip(best, best[1:]))
     test = next(r for r in rows if r.get("test/acc1"))
     assert "val/acc5" not in rows[0] and "test/acc5" not in rows[0]  # 3 classes: no top-5
-    per_class = [float(next(r[f"test/acc1_class/{c}"] for r in rows if r.get(f"test/acc1_class/{c}")))
-                 for c in data.classes]
+    per_class = [
+        float(next(r[f"test/acc1_class/{c}"] for r in rows if r.get(f"test/acc1_class/{c}")))
+        for c in data.classes
+    ]
     assert np.mean(per_class) == pytest.approx(float(test["test/acc1"]), abs=1e-6)  # 4 val images per class
 
 
@@ -159,6 +190,7 @@ def test_best_validation_accuracy_survives_a_checkpoint():
 
 
 # --- RNG state in checkpoints -------------------------------------------------------------------------------
+
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint():
     torch.manual_seed(1), np.random.seed(1), random.seed(1)

@@ -1,4 +1,5 @@
-"""`python -m experiments plan`: runs, iterations, images, training FLOPs and measured device-hours per suite."""
+"""`python -m experiments plan`: runs, iterations, images, training FLOPs and measured device-hours per
+suite."""
 
 from __future__ import annotations
 
@@ -26,7 +27,13 @@ def test_costs_follow_the_merged_config_and_count_the_networks_flops():
     costs = {c.run: c for c in run_costs(load_suite("table4"), "cpu-mini", seeds=3)}
     assert sorted(costs) == ["attention56_hourglass", "attention56_local"]
     for mask, cost in (("hourglass", costs["attention56_hourglass"]), ("local", costs["attention56_local"])):
-        assert (cost.arch, cost.iterations, cost.batch, cost.devices, cost.seeds) == ("attention56_cifar", 1500, 64, 1, 3)
+        assert (cost.arch, cost.iterations, cost.batch, cost.devices, cost.seeds) == (
+            "attention56_cifar",
+            1500,
+            64,
+            1,
+            3,
+        )
         assert (cost.image_size, cost.num_classes, cost.channels_last, cost.precision) == (32, 10, True, "32")
         assert cost.net_kwargs == {"mask": mask, **QUARTER}
         net = create_model("attention56_cifar", **cost.net_kwargs)
@@ -63,7 +70,10 @@ def test_measure_times_each_network_once_on_this_device(monkeypatch):
     costs = run_costs(load_suite("table4"), "cpu-mini")
     twice = costs + run_costs(load_suite("table4"), "cpu-mini")
     measure_steps(twice, steps=2)
-    assert sorted(calls) == [("attention56_cifar", "hourglass", True, 64), ("attention56_cifar", "local", True, 64)]
+    assert sorted(calls) == [
+        ("attention56_cifar", "hourglass", True, 64),
+        ("attention56_cifar", "local", True, 64),
+    ]
     for c in twice:
         assert 0 < c.step_s < 60
         assert c.device_hours == pytest.approx(c.step_s * 1500 / 3600)
@@ -96,9 +106,19 @@ def test_plan_of_an_unknown_suite_exits_nonzero(capsys):
 
 
 def test_overrides_after_the_double_dash_change_what_is_planned(fake_macs):
-    costs = run_costs(load_suite("table4"), "paper", extra=["--trainer.precision", "bf16-mixed",
-                                                            "--model.channels_last=true", "--data.batch_size", "128",
-                                                            "--trainer.devices", "2"])
+    costs = run_costs(
+        load_suite("table4"),
+        "paper",
+        extra=[
+            "--trainer.precision",
+            "bf16-mixed",
+            "--model.channels_last=true",
+            "--data.batch_size",
+            "128",
+            "--trainer.devices",
+            "2",
+        ],
+    )
     for c in costs:
         assert (c.precision, c.channels_last, c.batch, c.devices) == ("bf16-mixed", True, 128, 2)
         assert c.images == 160_000 * 256
@@ -106,7 +126,10 @@ def test_overrides_after_the_double_dash_change_what_is_planned(fake_macs):
 
 def test_unreadable_overrides_name_the_fix(capsys):
     assert experiments_main(["plan", "table4", "--", "--trainer.precision"]) == 2
-    assert "the override --trainer.precision has no value: give `--trainer.precision VALUE`" in capsys.readouterr().err
+    assert (
+        "the override --trainer.precision has no value: give `--trainer.precision VALUE`"
+        in capsys.readouterr().err
+    )
     assert experiments_main(["plan", "table4", "--", "bf16"]) == 2
     assert "cannot read the override 'bf16'" in capsys.readouterr().err
 

@@ -1,4 +1,5 @@
-"""Speed options give the default path's losses: precision, channels_last, torch.compile, gradient accumulation.
+"""Speed options give the default path's losses: precision, channels_last, torch.compile, gradient
+accumulation.
 
 Each runs a few optimizer steps of a tiny network on the same seeded batches through the real LightningModule
 and Trainer, and compares the training losses with the default fp32 path.
@@ -24,19 +25,40 @@ class LossRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train_losses(batch_size: int = 16, accumulate: int = 1, precision: str = "32-true", **module_kwargs) -> list[float]:
-    """Training losses of STEPS optimizer steps on 16-image batches (split into micro-batches if accumulating)."""
+def train_losses(
+    batch_size: int = 16, accumulate: int = 1, precision: str = "32-true", **module_kwargs
+) -> list[float]:
+    """Training losses of STEPS optimizer steps on 16-image batches (split into micro-batches if
+    accumulating)."""
     pl.seed_everything(0, verbose=False)
     images = torch.randn(STEPS * 16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 10, (STEPS * 16,), generator=torch.Generator().manual_seed(2))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=batch_size)
-    module = ImageClassifier(arch="attention56_cifar", num_classes=10, model_kwargs=TINY, milestones=(100,),
-                             lr=0.05, **module_kwargs)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels), batch_size=batch_size
+    )
+    module = ImageClassifier(
+        arch="attention56_cifar",
+        num_classes=10,
+        model_kwargs=TINY,
+        milestones=(100,),
+        lr=0.05,
+        **module_kwargs,
+    )
     recorder = LossRecorder()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, precision=precision,
-                         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[recorder], deterministic=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        precision=precision,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[recorder],
+        deterministic=False,
+    )
     trainer.fit(module, train_dataloaders=loader)
     assert trainer.global_step == STEPS
     return recorder.losses
@@ -76,7 +98,8 @@ def test_gradient_accumulation_matches_the_default_path(default_losses):
 
 @pytest.mark.slow
 def test_torch_compile_matches_the_default_path(default_losses):
-    """Inductor's fused kernels reorder float32 sums as channels_last does: within rel. 5e-3 after four steps."""
+    """Inductor's fused kernels reorder float32 sums as channels_last does: within rel. 5e-3 after four
+    steps."""
     losses = train_losses(compile=True)
     assert losses[0] == pytest.approx(default_losses[0], rel=1e-5)
     torch.testing.assert_close(losses, default_losses, rtol=5e-3, atol=0.0)
