@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.suites import Run, Suite, SuiteError
-from ran.results import RESULTS_FILE
+from ran.rundir import RESULTS_FILE
 
 
 @dataclass(frozen=True)

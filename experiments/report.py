@@ -1,24 +1,25 @@
 """Tables shaped like the paper's, from the runs' own directories.
 
-Each run directory holds `results.json`, written by `ran` at the end of `fit` and of `test` (see
-`ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a budget (no
-network needed), and writes a markdown and a CSV table with the measured figure (mean and spread over
-seeds), the paper's figure beside it and the difference. A run without test results is shown as missing
-(never started) or unfinished (with the step it reached); it is never filled in.
+Each run directory holds `results.json`, written by `ran` during and at the end of `fit` and of `test` (see
+`ran.rundir` and `ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a
+budget (no network needed), and writes a markdown and a CSV table with the measured figure (mean and spread
+over seeds), the paper's figure beside it and the difference. Only a run whose fit finished and whose test
+ran counts: one never started is "missing"; one still running or stopped is "unfinished (step s/n)";
+"interrupted", "diverged" and "failed" runs are shown as such, never with an error rate; a results.json
+that cannot be read is "unreadable", with a warning naming it, and the rest of the report still prints.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from experiments.launch import RESULTS_FILE
 from experiments.suites import Run, Suite
 from ran.markdown import markdown_lines
+from ran.rundir import RunDir, UnreadableResults
 
 
 @dataclass
@@ -55,11 +56,25 @@ class Cell:
         return text if self.status == "done" else f"{text} [{self.status}]"
 
 
-def read_results(run_dir: Path) -> dict[str, Any]:
+def seed_state(run_dir: Path, metric: str) -> tuple[str, float | None]:
+    """One seed's state ('done', 'missing', 'unreadable', 'interrupted (step s/n)', ...) and its value, which
+    is given only when the fit finished and the test recorded `metric`."""
     try:
-        return json.loads((run_dir / RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+        results = RunDir(run_dir).read_results()
+    except UnreadableResults as err:
+        warnings.warn(f"unreadable results: {err}", stacklevel=2)
+        return "unreadable", None
+    if not results:
+        return ("unfinished (no results)" if run_dir.exists() else "missing"), None
+    fit = results.get("fit", {})
+    status = fit.get("status", "finished" if "test" in results else "running")
+    value = results.get("test", {}).get("metrics", {}).get(metric)
+    if status == "finished" and value is not None:
+        return "done", float(value)
+    step = f"step {fit.get('global_step')}/{fit.get('max_steps')}"
+    if status in ("running", "finished"):
+        return f"unfinished ({step})", None
+    return f"{status} ({step})", None
 
 
 def seeds_present(suite_dir: Path, run: Run) -> list[int]:
@@ -76,19 +91,11 @@ def collect(suite: Suite, budget: str, root: Path, seeds: list[int] | None = Non
             cell = Cell(run, metric)
             states = []
             for seed in run_seeds:
-                results = read_results(suite_dir / run.name / f"seed{seed}")
-                value = results.get("test", {}).get("metrics", {}).get(metric)
+                state, value = seed_state(suite_dir / run.name / f"seed{seed}", metric)
+                states.append(state)
                 if value is not None:
-                    cell.values.append(float(value))
+                    cell.values.append(value)
                     cell.seeds.append(seed)
-                    states.append("done")
-                elif "fit" in results:
-                    fit = results["fit"]
-                    states.append(f"unfinished (step {fit.get('global_step')}/{fit.get('max_steps')})")
-                elif (suite_dir / run.name / f"seed{seed}").exists():
-                    states.append("unfinished (no results)")
-                else:
-                    states.append("missing")
             if states and all(s == "done" for s in states):
                 cell.status = "done"
             elif cell.values:

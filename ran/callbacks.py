@@ -1,10 +1,14 @@
-"""Callbacks the `ran` command adds to every run: RNG state in checkpoints, validation at the last step, a
+"""Callbacks the `ran` command adds to every run: RNG state in checkpoints, validation at the last step, the
+newest training state in `last.ckpt`, a graceful stop on SIGTERM/SIGINT, a stop on a non-finite loss, a
 step-counting progress bar, and predictions written to disk."""
 
 from __future__ import annotations
 
+import math
 import random
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +16,21 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
+from lightning_fabric.plugins.io import TorchCheckpointIO
 from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ran.rundir import UnreadableCheckpoint, checkpoint_problem, write_atomically
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "DivergenceGuard",
+    "GracefulStop",
+    "LastCheckpoint",
     "PredictionWriter",
+    "RunInterrupted",
+    "TrainingDiverged",
     "RNGStateCallback",
     "StepProgressBar",
     "ValidateAtMaxSteps",
@@ -142,3 +156,176 @@ class StepProgressBar(TQDMProgressBar):
         if trainer.max_steps > 0 and trainer.training:
             metrics["step"] = f"{trainer.global_step}/{trainer.max_steps}"
         return metrics
+
+
+# --- faults: divergence, signals, the newest state on disk ------------------------------------------------
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training produced a non-finite loss or non-finite weights."""
+
+
+class RunInterrupted(Exception):
+    """The run was stopped by a signal after saving its state; `exit_code` is 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def _non_finite_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the module's parameters and floating-point buffers that hold a NaN or an infinity (metric
+    states such as a MaxMetric's initial -inf are not weights and are not looked at)."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return [name for name, t in tensors if t.is_floating_point() and not bool(t.detach().isfinite().all())]
+
+
+class DivergenceGuard(pl.Callback):
+    """Stops training at the first non-finite loss, and refuses to checkpoint non-finite weights.
+
+    The loss is checked after every optimizer step, before any other callback of that step can save the
+    weights it produced (so it must come first in the callback list); the weights are checked whenever a
+    checkpoint is about to be written. Either raises `TrainingDiverged` with the step and the likely fix,
+    which ends the run with status "diverged".
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach())):
+            raise TrainingDiverged(self._message(trainer, f"the training loss is {loss.item()}"))
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        network = getattr(pl_module, "net", pl_module)
+        bad = _non_finite_weights(network)
+        if bad:
+            raise TrainingDiverged(
+                self._message(trainer, f"{len(bad)} weight tensors are not finite (first: {bad[0]})")
+            )
+
+    @staticmethod
+    def _message(trainer: pl.Trainer, what: str) -> str:
+        lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
+        lr = f" (learning rate {lrs[0]:.3g})" if lrs and math.isfinite(lrs[0]) else ""
+        return (
+            f"training diverged at step {trainer.global_step}: {what}{lr}; no checkpoint of these weights "
+            "was saved. Lower --model.lr, add --model.warmup_steps, or train in fp32 (--trainer.precision 32)"
+        )
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO, but every save is atomic on any filesystem and an unreadable file is
+    named when loaded.
+
+    Lightning writes through fsspec, whose local "transaction" stages the file in TMPDIR and moves it into
+    place: on a cluster with node-local /tmp that move is a copy, and a kill during it leaves last.ckpt and
+    best.ckpt truncated. Here the file is written beside its target, fsynced and renamed over it
+    (`ran.rundir.write_atomically`), so a kill leaves the old checkpoint or the new one.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        problem = checkpoint_problem(Path(path))
+        if problem is not None:
+            raise UnreadableCheckpoint(f"cannot load checkpoint {path}: {problem}")
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+class LastCheckpoint(pl.Callback):
+    """Keeps `checkpoints/last.ckpt` the newest training state: every `every_n_steps` optimizer steps, after
+    every validation, at the end of training and when a signal stops the run (`GracefulStop`).
+
+    Lightning's ModelCheckpoint with `save_last=True` rewrites last.ckpt only when it also saves a top-k
+    checkpoint, so a resumed run repeated the steps since the last improvement and a finished run's final
+    weights were saved nowhere. `trainer.save_checkpoint` is collective; the file is written by rank 0 through
+    the trainer's checkpoint IO (atomic in `ran`).
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int = 1000) -> None:
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+        self.saved_step = -1
+
+    def save(self, trainer: pl.Trainer) -> None:
+        if trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.save(trainer)
+
+
+class GracefulStop(pl.Callback):
+    """SIGTERM (what schedulers send at pre-emption or the time limit) and SIGINT (Ctrl-C) stop training at
+    the next step boundary, with the state of that step saved in last.ckpt; a second signal stops at once.
+
+    Lightning notices SIGTERM itself and raises `SIGTERMException` (a SystemExit) once the step is complete
+    (after its learning-rate update); SIGINT is routed the same way instead of a KeyboardInterrupt that could
+    land inside the optimizer step. The CLI turns the stop into exit code 128 + signal (143, 130). SIGUSR1
+    (SLURM's pre-emption warning) stays Lightning's: save hpc_ckpt and requeue.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, last: LastCheckpoint | None) -> None:
+        self.last = last
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning registers its SIGTERM handler after `setup` and calls the one it finds (this) as well.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._trainer = trainer
+        for signum in self.SIGNALS:
+            self._previous.setdefault(signum, signal.getsignal(signum))
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # a second signal: stop now
+        self.signum = signum
+        rank_zero_info(
+            f"\nReceived {signal.Signals(signum).name}: stopping after this step, saving last.ckpt"
+        )
+        if self._trainer is not None:
+            # The flag Lightning's own SIGTERM handler sets; its loops then stop at the next step boundary.
+            self._trainer._signal_connector.received_sigterm = True
+
+    def restore_handlers(self) -> None:
+        """Put back the handlers found at setup. Lightning's own teardown re-installs the SIGTERM handler it
+        found (this one) after the callbacks' hooks, so the CLI calls this once more when the run is over."""
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.restore_handlers()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.restore_handlers()  # Lightning calls no teardown hook after an exception
+        if isinstance(exception, SIGTERMException) and self.signum is None:
+            self.signum = signal.SIGTERM
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit" and self.last is not None:
+            self.last.save(trainer)

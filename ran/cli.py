@@ -26,6 +26,7 @@ import netrc
 import os
 import secrets
 import shutil
+import signal
 import string
 import sys
 import warnings
@@ -35,22 +36,36 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.plugins.io import CheckpointIO
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from datamodules.errors import CorruptImageError, DatasetLayoutError
 from ran.allocator import keep_freed_memory
-from ran.callbacks import PredictionWriter, RNGStateCallback, StepProgressBar, ValidateAtMaxSteps
+from ran.callbacks import (
+    AtomicCheckpointIO,
+    DivergenceGuard,
+    GracefulStop,
+    LastCheckpoint,
+    PredictionWriter,
+    RNGStateCallback,
+    RunInterrupted,
+    StepProgressBar,
+    TrainingDiverged,
+    ValidateAtMaxSteps,
+)
 from ran.module import ImageClassifier
 from ran.registry import list_models
 from ran.results import ResultsWriter
+from ran.rundir import RunDir, UnreadableCheckpoint, checkpoint_problem
+from ran.summary import summary_main
 
 BASE_KEY = "__base__"
-WANDB_ID_FILE = "wandb_run_id"
 
 __all__ = [
     "BASE_KEY",
@@ -151,6 +166,10 @@ class RunConfig:
         group: W&B group (e.g. the dataset, or an ablation's name).
         tags: W&B tags.
         overwrite: `ran fit` deletes an existing run directory of the same name and starts afresh.
+        checkpoint_every_n_steps: also save checkpoints/last.ckpt every this many optimizer steps (it is
+            saved after every validation, at the end and on SIGTERM/SIGINT anyway); 0 turns it off.
+        allow_unfinished: let `ran test` evaluate a run whose fit did not finish (interrupted, diverged,
+            failed or still running); its test results then record the fit's status.
     """
 
     name: str | None = None
@@ -160,6 +179,8 @@ class RunConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     overwrite: bool = False
+    checkpoint_every_n_steps: int = 1000
+    allow_unfinished: bool = False
 
 
 def is_launch_rank_zero() -> bool:
@@ -195,30 +216,39 @@ def wandb_mode() -> Literal["online", "offline", "disabled"]:
     return "online" if wandb_has_credentials() else "offline"
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a started run: its config (written once the data is set up) or checkpoints. A
-    directory left by a start that failed earlier (e.g. missing data) is reused."""
-    return (run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()
-
-
-def read_wandb_id(run_dir: Path) -> str | None:
-    """The W&B run id persisted in `run_dir` (so that a resumed run continues the same W&B run), if any."""
-    path = run_dir / WANDB_ID_FILE
-    return path.read_text().strip() if path.is_file() else None
-
-
 def new_wandb_id() -> str:
     """A fresh W&B run id (8 lowercase letters and digits, W&B's own format)."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _newest(paths: list[Path]) -> Path | None:
-    existing = [p for p in paths if p.is_file()]
-    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+def check_writable(path: Path) -> None:
+    """A ConfigError unless `path` can be created and written: its nearest existing ancestor must be a
+    writable directory."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot write the run directory {path}: {existing} is not a writable directory; "
+            "choose another --run.root"
+        )
 
 
-def _hpc_checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+NETWORK_KEYS = ("arch", "num_classes", "attention", "learning", "mask", "model_kwargs")
+
+
+def network_of(hparams: Any) -> dict[str, Any]:
+    """The settings that decide a network's architecture and outputs, from ImageClassifier hyperparameters."""
+    net = {k: hparams.get(k) for k in NETWORK_KEYS}
+    net["model_kwargs"] = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in (net["model_kwargs"] or {}).items()
+    }
+    return net
+
+
+def _describe(net: dict[str, Any]) -> str:
+    extra = ", ".join(f"{k}={net[k]}" for k in NETWORK_KEYS[2:] if net[k])
+    return f"{net['arch']} with {net['num_classes']} classes" + (f" ({extra})" if extra else "")
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
@@ -238,16 +268,16 @@ class SaveRunConfig(SaveConfigCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(parser, config, overwrite=True, save_to_log_dir=False, **kwargs)
-        self.run_dir = Path(run_dir)
+        self.run_dir = RunDir(Path(run_dir))
         self.wandb_id = wandb_id
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.path.mkdir(parents=True, exist_ok=True)
         stage = getattr(stage, "value", stage)  # Lightning passes its TrainerFn enum
-        path = self.run_dir / ("config.yaml" if stage == "fit" else f"config_{stage}.yaml")
+        path = self.run_dir.config_file(stage)
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
-        if self.wandb_id and not (self.run_dir / WANDB_ID_FILE).is_file():
-            (self.run_dir / WANDB_ID_FILE).write_text(self.wandb_id + "\n")
+        if self.wandb_id:
+            self.run_dir.save_wandb_id(self.wandb_id)
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         config.pop("config", None)
         for logger in trainer.loggers:
@@ -264,10 +294,17 @@ class RanArgumentParser(LightningArgumentParser):
 
 class RanCLI(LightningCLI):
     """LightningCLI for `ImageClassifier` with any datamodule (chosen by `data.class_path`), a `run` group
-    (run directory, logger, W&B project/group/tags), best/last checkpoints, RNG state in checkpoints and a
-    learning-rate monitor. See the module docstring of `ran.cli`."""
+    (run directory, logger, W&B project/group/tags), best/last checkpoints written atomically, RNG state in
+    checkpoints, a graceful stop on SIGTERM/SIGINT, a stop on divergence and a learning-rate monitor. See the
+    module docstring of `ran.cli`.
+
+    The config and the command line decide the network and the recipe; a checkpoint given with `--ckpt_path`
+    is loaded into them (LightningCLI's default, the checkpoint's saved hyperparameters overriding the
+    config, is turned off), and one of another network or class count is refused.
+    """
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        self.stop: GracefulStop | None = None
         super().__init__(
             ImageClassifier,
             pl.LightningDataModule,
@@ -275,7 +312,8 @@ class RanCLI(LightningCLI):
             save_config_callback=SaveRunConfig,
             auto_configure_optimizers=False,
             parser_class=RanArgumentParser,
-            parser_kwargs={"prog": "ran"},
+            # allow_abbrev=False: `--run.over true` is an error, not `--run.overwrite true`
+            parser_kwargs={"prog": "ran", "allow_abbrev": False},
             args=args,
             **kwargs,
         )
@@ -291,6 +329,9 @@ class RanCLI(LightningCLI):
         if self.config.get("subcommand"):
             self._prepare_run(self.config.subcommand, self.config[self.config.subcommand])
 
+    def _parse_ckpt_path(self) -> None:
+        """Off: the checkpoint's hyperparameters never override the config (see the class docstring)."""
+
     def _prepare_run(self, subcommand: str, cfg: Any) -> None:
         if cfg.model.arch not in list_models():
             raise ConfigError(
@@ -298,8 +339,8 @@ class RanCLI(LightningCLI):
             )
         if cfg.trainer.get("default_root_dir") is not None:
             raise ConfigError(
-                "trainer.default_root_dir is set by ran: choose the run directory with "
-                "--run.root and --run.name"
+                "trainer.default_root_dir is set by ran: choose the run directory with --run.root and "
+                "--run.name"
             )
         if cfg.trainer.get("logger") is not None:
             raise ConfigError(
@@ -307,36 +348,113 @@ class RanCLI(LightningCLI):
             )
         run = cfg.run
         run.name = run.name or cfg.model.arch
-        self.run_dir = Path(run.root) / run.name
+        self.run_dir = RunDir(Path(run.root) / run.name)
         ckpt = cfg.get("ckpt_path")
+        foreign = ckpt not in (None, "last", "best") and not self.run_dir.owns(ckpt)
+        if is_launch_rank_zero():
+            check_writable(self.run_dir.path)
         if subcommand == "fit" and is_launch_rank_zero():
-            requeued = SLURMEnvironment.detect() and bool(_hpc_checkpoints(self.run_dir))
-            if holds_run(self.run_dir) and ckpt is None and not requeued:
+            requeued = SLURMEnvironment.detect() and bool(self.run_dir.hpc_checkpoints())
+            if self.run_dir.holds_run() and ckpt is None and not requeued:
                 if not run.overwrite:
                     raise ConfigError(
-                        f"run directory {self.run_dir} exists; resume with --ckpt_path last, pick another "
+                        f"run directory {self.run_dir.path} exists; resume with --ckpt_path last, pick "
+                        "another "
                         "--run.name (or --run.root), or pass --run.overwrite true to delete it and start "
                         "afresh"
                     )
-                shutil.rmtree(self.run_dir)
+                shutil.rmtree(self.run_dir.path)
+            elif not self.run_dir.holds_run() and self.run_dir.path.exists() and ckpt is None:
+                # Left by a start that failed or was killed before its first checkpoint: nothing to keep.
+                shutil.rmtree(self.run_dir.path)
+        if foreign and self.run_dir.holds_run():
+            raise ConfigError(
+                f"--ckpt_path {ckpt} belongs to another run, and run directory {self.run_dir.path} holds a "
+                "run "
+                "of its own: give a new --run.name for this one (or --ckpt_path last to use its own "
+                "checkpoints)"
+            )
+        if subcommand == "test":
+            self._check_fit_finished(run)
         if ckpt in ("last", "best"):
             cfg.ckpt_path = str(self._find_checkpoint(ckpt))
-        self.wandb_id = read_wandb_id(self.run_dir) or new_wandb_id()
+        self.wandb_id = self.run_dir.wandb_id() or new_wandb_id()
 
     def _find_checkpoint(self, which: str) -> Path:
-        """'last': the newest of checkpoints/last*.ckpt and SLURM's hpc_ckpt_*.ckpt; 'best': best.ckpt."""
-        ckpt_dir = self.run_dir / "checkpoints"
-        if which == "best":
-            found = _newest([ckpt_dir / "best.ckpt"])
-        else:
-            found = _newest([*ckpt_dir.glob("last*.ckpt"), *_hpc_checkpoints(self.run_dir)])
+        """'last': the newest readable of checkpoints/*.ckpt and SLURM's hpc_ckpt_*.ckpt; 'best':
+        best.ckpt."""
+        found = self.run_dir.find_checkpoint(which, warn=lambda text: warnings.warn(text, stacklevel=2))
         if found is None:
-            looked = "checkpoints/best.ckpt" if which == "best" else "checkpoints/last.ckpt, hpc_ckpt_*.ckpt"
+            looked = "checkpoints/best.ckpt" if which == "best" else "checkpoints/*.ckpt, hpc_ckpt_*.ckpt"
+            hint = "check --run.name and --run.root"
+            if which == "last":
+                hint += (
+                    "; a run killed before its first checkpoint starts again with the same command without "
+                    "--ckpt_path"
+                )
             raise ConfigError(
-                f"--ckpt_path {which}: no checkpoint in {self.run_dir} (looked for {looked}); "
-                "check --run.name and --run.root"
+                f"--ckpt_path {which}: no readable checkpoint in {self.run_dir.path} (looked for "
+                f"{looked}); {hint}"
             )
+        if which == "last" and found != self.run_dir.last_ckpt and self.run_dir.last_ckpt.exists():
+            warnings.warn(f"resuming from {found}, the newest readable checkpoint", stacklevel=2)
         return found
+
+    def _check_checkpoint(self) -> None:
+        """A ConfigError when `--ckpt_path` cannot be read or holds another network than the config builds."""
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt is None:
+            return
+        problem = checkpoint_problem(Path(ckpt))
+        if problem is not None:
+            raise ConfigError(
+                f"--ckpt_path {ckpt}: {problem}; give a complete checkpoint (or --ckpt_path last)"
+            )
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+        if saved and network_of(saved) != network_of(self.model.hparams):
+            raise ConfigError(
+                f"checkpoint {ckpt} holds {_describe(network_of(saved))}, but the config builds "
+                f"{_describe(network_of(self.model.hparams))}: pass the config the checkpoint was trained "
+                "with"
+            )
+
+    def _check_fit_finished(self, run: Any) -> None:
+        """`ran test` of a run whose fit did not finish is refused unless --run.allow_unfinished is given."""
+        status = self.run_dir.fit_status()
+        if status in (None, "finished") or run.allow_unfinished:
+            return
+        raise ConfigError(
+            f"the fit of {self.run_dir.path} did not finish (status {status!r} in "
+            f"{self.run_dir.results_file}): "
+            "resume it with `ran fit ... --ckpt_path last`, or pass --run.allow_unfinished true to test "
+            "it anyway"
+        )
+
+    def before_fit(self) -> None:
+        self._check_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            signum = (self.stop.signum if self.stop else None) or signal.SIGTERM
+            name = signal.Signals(signum).name
+            step = self.trainer.global_step
+            saved = f"; saved {self.run_dir.last_ckpt} at step {step}" if subcommand == "fit" else ""
+            resume = "; resume with the same command and --ckpt_path last" if subcommand == "fit" else ""
+            raise RunInterrupted(signum, f"stopped by {name}{saved}{resume}") from None
+        finally:
+            if self.stop is not None:
+                self.stop.restore_handlers()
 
     def instantiate_classes(self) -> None:
         try:
@@ -348,47 +466,58 @@ class RanCLI(LightningCLI):
         cfg = self.config[self.subcommand]
         trainer_cfg = self._get(self.config_init, "trainer")
         loggers = self._loggers(cfg.run)
-        callbacks = list(trainer_cfg.get("callbacks") or [])
-        callbacks += [RNGStateCallback(), ValidateAtMaxSteps(), ResultsWriter(self.run_dir)]
-        if trainer_cfg.get("enable_checkpointing", True) is not False:
-            callbacks.append(
-                ModelCheckpoint(
-                    dirpath=self.run_dir / "checkpoints",
-                    filename="best",
-                    monitor="val/acc1",
-                    mode="max",
-                    save_top_k=1,
-                    save_last=True,
-                    auto_insert_metric_name=False,
-                )
+        checkpointing = trainer_cfg.get("enable_checkpointing", True) is not False
+        last = (
+            LastCheckpoint(self.run_dir.last_ckpt, cfg.run.checkpoint_every_n_steps)
+            if checkpointing
+            else None
+        )
+        self.stop = GracefulStop(last)
+        # DivergenceGuard first: it must see a step's loss before any callback saves that step's weights.
+        callbacks = [DivergenceGuard(), *(trainer_cfg.get("callbacks") or [])]
+        callbacks += [RNGStateCallback(), ValidateAtMaxSteps(), ResultsWriter(self.run_dir.path)]
+        if last is not None:
+            best = ModelCheckpoint(
+                dirpath=self.run_dir.checkpoints,
+                filename="best",
+                monitor="val/acc1",
+                mode="max",
+                save_top_k=1,
+                auto_insert_metric_name=False,
             )
+            callbacks += [best, last]
+        callbacks.append(self.stop)
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(StepProgressBar())
         if self.subcommand == "predict":
-            callbacks.append(PredictionWriter(self.run_dir))
+            callbacks.append(PredictionWriter(self.run_dir.path))
+        plugins = list(trainer_cfg.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
         wandb_id = self.wandb_id if cfg.run.logger == "wandb" else None
-        self.save_config_kwargs = {"run_dir": str(self.run_dir), "wandb_id": wandb_id}
+        self.save_config_kwargs = {"run_dir": str(self.run_dir.path), "wandb_id": wandb_id}
         # enable_autolog_hparams=False: SaveRunConfig sends the whole resolved config to the loggers instead
         # of Lightning's flat mix of the model's and the datamodule's arguments.
         return super().instantiate_trainer(
-            default_root_dir=str(self.run_dir),
+            default_root_dir=str(self.run_dir.path),
             logger=loggers or False,
             callbacks=callbacks,
+            plugins=plugins,
             enable_autolog_hparams=False,
             **kwargs,
         )
 
     def _loggers(self, run: Any) -> list[Logger]:
         if run.logger == "csv":
-            return [CSVLogger(save_dir=self.run_dir, name="csv")]
+            return [CSVLogger(save_dir=self.run_dir.path, name="csv")]
         if run.logger == "wandb":
             mode = wandb_mode()
             return [
                 WandbLogger(
                     name=run.name,
-                    save_dir=self.run_dir,
+                    save_dir=self.run_dir.path,
                     id=self.wandb_id,
                     project=run.project,
                     group=run.group,
@@ -408,14 +537,17 @@ USAGE = """usage: ran {fit,validate,test,predict} -c CONFIG [--section.key VALUE
 """
 
 
-# Exceptions that are the user's to fix (config, data): reported as one line, without a traceback.
+# Exceptions that are the user's to fix (config, data, a diverged recipe): one line, without a traceback.
 USER_ERRORS = (
     ConfigError,
     MisconfigurationException,
     FileNotFoundError,
     NotADirectoryError,
+    PermissionError,
     CorruptImageError,
     DatasetLayoutError,
+    TrainingDiverged,
+    UnreadableCheckpoint,
 )
 
 
@@ -429,7 +561,9 @@ def _one_line(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the `ran` command with `argv` (default: sys.argv[1:]) and return its exit code.
+    """Run the `ran` command with `argv` (default: sys.argv[1:]) and return its exit code: 0, 1 for a
+    failed or diverged run, 2 for a usage or config error, 128 + signal for a run stopped by SIGTERM (143) or
+    SIGINT (130) after saving its state.
 
     In-process calls work for single-process runs and `ddp_spawn`; `strategy=ddp` relaunches `sys.argv`, so
     run it as a command (`ran fit ...`, torchrun or srun).
@@ -437,8 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()
     if argv and argv[0] == "summary":
-        from ran.summary import summary_main
-
         return summary_main(argv[1:])
     if not argv:
         print(USAGE, file=sys.stderr, end="")
@@ -453,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
     try:
         RanCLI(args=resolve_config_args(argv))
+    except RunInterrupted as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        status = err.exit_code
     except SystemExit as exit_:  # argument errors (jsonargparse has printed them), --help, --print_config
         status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except ConfigError as err:

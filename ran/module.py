@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ran.registry import create_model
 
-__all__ = ["ImageClassifier", "LRFactor", "effective_batch_size"]
+__all__ = ["ImageClassifier", "LRFactor", "check_recipe", "effective_batch_size"]
 
 
 @dataclass
@@ -62,6 +62,22 @@ def effective_batch_size(trainer: pl.Trainer) -> int | None:
     if per_device is None:
         return None
     return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def check_recipe(hp: Any) -> None:
+    """A ValueError naming the setting and its valid range for a recipe that cannot train."""
+    if not hp.lr > 0:
+        raise ValueError(f"model.lr must be positive, got {hp.lr}")
+    if not 0 <= hp.momentum < 1:
+        raise ValueError(f"model.momentum must be in [0, 1), got {hp.momentum}")
+    if hp.weight_decay < 0:
+        raise ValueError(f"model.weight_decay must be >= 0, got {hp.weight_decay}")
+    if not 0 < hp.gamma <= 1:
+        raise ValueError(f"model.gamma must be in (0, 1], got {hp.gamma}")
+    if hp.warmup_steps < 0 or hp.base_batch_size < 1:
+        raise ValueError("model.warmup_steps must be >= 0 and model.base_batch_size >= 1")
+    if list(hp.milestones) != sorted(hp.milestones) or any(m < 0 for m in hp.milestones):
+        raise ValueError(f"model.milestones must be increasing step counts, got {list(hp.milestones)}")
 
 
 class ImageClassifier(pl.LightningModule):
@@ -136,6 +152,7 @@ class ImageClassifier(pl.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc1_best = MaxMetric()
         self.val_acc1_best.persistent(True)  # kept in checkpoints, so a resumed run remembers its best
+        check_recipe(self.hparams)
 
     # --- model ---------------------------------------------------------------------------------------------
 
@@ -192,14 +209,62 @@ class ImageClassifier(pl.LightningModule):
             weight_decay=hp.weight_decay,
             fused=fused,
         )
-        trainer = self.trainer
-        total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
-        factor = LRFactor(hp.schedule, tuple(hp.milestones), hp.gamma, total, hp.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor())
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
+
+    def lr_factor(self) -> LRFactor:
+        """The schedule of this run's config over `trainer.max_steps`."""
+        hp, trainer = self.hparams, self.trainer
+        total = trainer.max_steps if trainer.max_steps > 0 else int(trainer.estimated_stepping_batches)
+        return LRFactor(hp.schedule, tuple(hp.milestones), hp.gamma, total, hp.warmup_steps)
+
+    def apply_recipe(self) -> None:
+        """Make the optimizer and schedule those of this run's config, at the current step.
+
+        A resumed run gets the optimizer's and scheduler's state from its checkpoint, including the learning
+        rate, momentum, weight decay and the schedule's own settings (`LRFactor` is saved with the scheduler).
+        The config and the command line decide the recipe instead: a resume with another `lr`, `schedule`,
+        `milestones` or `trainer.max_steps` continues at the step it reached on the new schedule, as if the
+        run had been started with it (e.g. a cosine run extended from 1,000 to 2,000 steps continues at the
+        learning rate of step 1,000 of 2,000, not at 0). Each change is reported.
+        """
+        hp = self.hparams
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                continue
+            step, factor, base = scheduler.last_epoch, self.lr_factor(), self.scaled_lr()
+            changes = []
+            saved = scheduler.lr_lambdas[0]
+            for key, value in vars(factor).items():
+                if getattr(saved, key, value) != value:
+                    changes.append(f"{key} {getattr(saved, key)} -> {value}")
+            if not math.isclose(scheduler.base_lrs[0], base):
+                changes.append(f"base learning rate {scheduler.base_lrs[0]:g} -> {base:g}")
+            scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+            scheduler.base_lrs = [base] * len(scheduler.optimizer.param_groups)
+            for group in scheduler.optimizer.param_groups:
+                for key in ("momentum", "nesterov", "weight_decay"):
+                    if group[key] != hp[key]:
+                        changes.append(f"{key} {group[key]} -> {hp[key]}")
+                        group[key] = hp[key]
+                group["initial_lr"] = base
+                group["lr"] = base * factor(step)
+            scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+            if changes and step > 0:
+                rank_zero_warn(
+                    f"resuming at step {step} with the config's recipe: {'; '.join(changes)}; "
+                    f"learning rate now {base * factor(step):.4g}"
+                )
+
+    def on_train_start(self) -> None:
+        """Apply the config's recipe (over a resumed checkpoint's), then log the effective batch size, the
+        learning rate it gives and the realised clean-label ratio."""
+        self.apply_recipe()
+        self.log_run_facts()
 
     # --- steps ---------------------------------------------------------------------------------------------
 
@@ -258,6 +323,8 @@ class ImageClassifier(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         top1 = self._log_split("val", self.val_acc1, self.val_acc5, self.val_loss)
+        if self.trainer.state.fn != "fit":
+            return  # `ran validate` reports its own figures, never the best restored from the fit
         if not self.trainer.sanity_checking:
             self.val_acc1_best.update(top1)
         if self.val_acc1_best.update_called:
@@ -299,7 +366,7 @@ class ImageClassifier(pl.LightningModule):
                     step=self.global_step,
                 )
 
-    def on_train_start(self) -> None:
+    def log_run_facts(self) -> None:
         """Log the effective batch size, the learning rate it gives and the realised clean-label ratio."""
         values: dict[str, float] = {}
         batch = effective_batch_size(self.trainer)

@@ -84,3 +84,63 @@ class PreemptAt(pl.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+
+class SignalAt(pl.Callback):
+    """Sends this process `signum` (a number or a name such as "SIGTERM") once the given optimizer step is
+    done, as a scheduler or Ctrl-C would."""
+
+    def __init__(self, step: int, signum: str = "SIGTERM") -> None:
+        self.step = step
+        self.signum = getattr(signal, signum)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonAt(pl.Callback):
+    """Fills the network's first weight with NaN before the given optimizer step, as a diverging recipe
+    would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+class LastStepAt(pl.Callback):
+    """Records, at the end of the given optimizer step, the global step saved in checkpoints/last.ckpt."""
+
+    def __init__(self, step: int, run_dir: str, out_dir: str) -> None:
+        self.step, self.run_dir, self.out_dir = step, Path(run_dir), Path(out_dir)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            ckpt = torch.load(
+                self.run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+            )
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "last_step.json").write_text(json.dumps({"step": ckpt["global_step"]}))
+
+
+class FirstStepLR(pl.Callback):
+    """Records the step and the learning rate at which the first training batch of this process runs."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.done = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int):
+        if not self.done:
+            self.done = True
+            record = {"global_step": trainer.global_step, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "first_step_lr.json").write_text(json.dumps(record))

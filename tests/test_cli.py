@@ -324,7 +324,8 @@ def test_slurm_preemption_requeues_and_the_requeued_job_resumes(cifar10_dir, run
 
 def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, capsys):
     run = run_root / "taken"
-    run.mkdir(parents=True)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"a run's checkpoint")
     (run / "config.yaml").write_text("model: {arch: attention92_cifar}\n")
     assert main(cifar_fit(cifar10_dir, run_root, "taken", steps=2)) == 2
     err = capsys.readouterr().err
@@ -339,7 +340,7 @@ def test_an_existing_run_directory_is_never_overwritten(cifar10_dir, run_root, c
 
 def test_resuming_without_a_checkpoint_is_an_error(cifar10_dir, run_root, capsys):
     assert main(cifar_fit(cifar10_dir, run_root, "nothing", "--ckpt_path", "last")) == 2
-    assert "--ckpt_path last: no checkpoint in" in capsys.readouterr().err
+    assert "--ckpt_path last: no readable checkpoint in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

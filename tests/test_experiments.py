@@ -19,7 +19,7 @@ from experiments.report import collect, markdown_table, report
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
 from ran.cli import load_config
 from ran.cli import main as ran_main
-from ran.results import update_results
+from ran.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_RUNS = [(s, r.name) for s in suite_names() for r in load_suite(s).runs]
@@ -246,13 +246,12 @@ def _finish(
     root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100
 ) -> None:
     run_dir = root / suite / budget / run / f"seed{seed}"
-    update_results(
-        run_dir,
+    RunDir(run_dir).update_results(
         "fit",
         {"status": "finished" if err1 is not None else "running", "global_step": step, "max_steps": 100},
     )
     if err1 is not None:
-        update_results(run_dir, "test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})
+        RunDir(run_dir).update_results("test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})
 
 
 def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
@@ -291,7 +290,7 @@ def test_report_cli_prints_and_writes(tmp_path, capsys):
 
 def test_multi_metric_suite_reports_both_metrics(tmp_path):
     run_dir = tmp_path / "imagenet" / "paper" / "attention92" / "seed0"
-    update_results(run_dir, "test", {"metrics": {"test/err1": 20.0, "test/err5": 5.0}})
+    RunDir(run_dir).update_results("test", {"metrics": {"test/err1": 20.0, "test/err5": 5.0}})
     cells = collect(load_suite("imagenet"), "paper", tmp_path)
     text = markdown_table(load_suite("imagenet"), "paper", cells)
     assert "| attention92 | 20.00 | 19.50 | +0.50 | 5.00 | 4.80 | +0.20 |" in text
