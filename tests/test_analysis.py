@@ -17,19 +17,16 @@ import ran
 from datamodules import CIFAR10_MEAN, CIFAR10_STD
 from experiments import analysis
 from experiments.analysis import (
-    HEADER_HEIGHT,
     AnalysisImages,
     ResponseTable,
     compare_responses,
-    draw_response_chart,
-    jet_colormap,
     load_analysis_images,
     load_checkpoint_network,
-    mask_grid_size,
     resolve_network,
     save_mask_pictures,
     stage_responses,
 )
+from ran.pictures import mask_grid, mask_range, response_chart
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -140,7 +137,7 @@ def test_response_table_writes_markdown_csv_and_a_chart(tmp_path):
     assert rows[0] == ["stage", "ARL", "NAL"] and [float(v) for v in rows[4][1:]] == [500.0, 0.2]
     with Image.open(png) as image:
         assert image.size == (760, 440) and image.mode == "RGB"
-    linear = draw_response_chart(ResponseTable({"x": {"stem": 1.0, "stage1": 2.0}}), log_scale=False)
+    linear = response_chart({"x": {"stem": 1.0, "stage1": 2.0}}, log_scale=False)
     assert linear.size == (760, 440)
 
 
@@ -150,46 +147,37 @@ def test_networks_with_different_stages_share_a_table():
     table = compare_responses(networks, x)
     assert table.stages == STAGES and math.isnan(table.value("ResNet", "stage4"))
     assert table.to_markdown().splitlines()[-1].startswith("| stage4 | - | ")
-    assert draw_response_chart(table).size == (760, 440)
+    assert response_chart(table.responses).size == (760, 440)
 
 
 # --- soft-mask pictures -------------------------------------------------------------------------------------
 
 
-def test_jet_colormap_runs_from_dark_blue_to_dark_red():
-    lut = jet_colormap()
-    assert lut.shape == (256, 3) and lut.dtype == torch.uint8
-    assert lut[0].tolist() == [0, 0, 128] and lut[255].tolist() == [128, 0, 0]
-
-
-def test_one_mask_picture_per_attention_module(tmp_path):
+def test_one_grid_of_every_attention_module_on_one_colour_scale(tmp_path):
     net = tiny("attention92_cifar")
     images = random_uint8(5)
-    paths = save_mask_pictures(net, images, CIFAR10_MEAN, CIFAR10_STD, tmp_path, max_images=4)
-    names = list(net.attention_modules)
-    assert len(names) == 6 and [p.name for p in paths] == [f"{i:02d}_{n}.png" for i, n in enumerate(names)]
-    width, height = mask_grid_size(4, 16, 16)
-    assert (width, height) == (3 * 96 + 4 * 2, HEADER_HEIGHT + 4 * 96 + 5 * 2)
-    lut = {tuple(c) for c in jet_colormap()[[0, 255]].tolist()}
-    for path in paths:
-        with Image.open(path) as picture:
-            assert picture.size == (width, height)
-            heat = picture.crop((2 + 96 + 2, HEADER_HEIGHT + 2, 2 + 2 * 96 + 2, HEADER_HEIGHT + 2 + 96))
-            assert lut <= set(heat.getdata())  # normalised per image: its minimum and maximum are both there
-            first_input = picture.crop((2, HEADER_HEIGHT + 2, 2 + 96, HEADER_HEIGHT + 2 + 96))
-            expected = Image.fromarray(images[0].permute(1, 2, 0).contiguous().numpy())
-            expected = expected.resize((96, 96), Image.Resampling.NEAREST)
-            assert list(first_input.getdata()) == list(expected.getdata())
+    path = save_mask_pictures(net, images, CIFAR10_MEAN, CIFAR10_STD, tmp_path, max_images=4)
+    assert path == tmp_path / "masks.png"
+    with Image.open(path) as picture:
+        assert picture.mode == "RGB" and picture.width > picture.height  # 7 columns, 4 rows
+    masks = net.eval().soft_masks(torch.randn(2, 3, 16, 16))
+    assert len(masks) == 6 and mask_range(masks) == (0.0, 1.0)  # sigmoid masks: one fixed scale
+    # the grid grows by a column per module and a row per image
+    one = mask_grid(images[:1], dict(list(masks.items())[:1]))
+    assert mask_grid(images[:1], masks).width > one.width and mask_grid(images[:2], masks).height > one.height
+    with pytest.raises(ValueError, match="at least one soft mask"):
+        mask_grid(images, {})
+
+
+def test_channel_attention_shares_one_range_over_all_modules():
+    masks = {"a": torch.full((1, 2, 4, 4), -0.5), "b": torch.full((1, 2, 4, 4), 0.8)}
+    assert mask_range(masks) == pytest.approx((-0.5, 0.8))  # not per module, not per image
 
 
 @pytest.mark.parametrize("mask", ["cbam_channel", "cbam_spatial", "cbam", "none"])
 def test_mask_pictures_of_channel_and_spatial_gates(tmp_path, mask):
-    net = tiny(mask=mask)
-    paths = save_mask_pictures(net, random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
-    assert len(paths) == (0 if mask == "none" else 3)
-    for path in paths:
-        with Image.open(path) as picture:
-            assert picture.size == mask_grid_size(2, 16, 16)
+    path = save_mask_pictures(tiny(mask=mask), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    assert (path is None) == (mask == "none") and path == (None if mask == "none" else tmp_path / "masks.png")
 
 
 def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
@@ -204,11 +192,9 @@ def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
 
     run = Run()
     monkeypatch.setattr(wandb, "run", run)
-    net = tiny()
-    save_mask_pictures(net, random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    save_mask_pictures(tiny(), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
     (data,) = run.logged
-    assert list(data) == [f"masks/{name}" for name in net.attention_modules]
-    assert all(isinstance(v, wandb.Image) for v in data.values())
+    assert list(data) == ["masks/analysis"] and isinstance(data["masks/analysis"], wandb.Image)
     ResponseTable({"ARL": {"stem": 1.0, "stage1": 2.0}}).save(tmp_path / "responses")
     assert set(run.logged[1]) == {"responses/chart", "responses/table"}
     assert isinstance(run.logged[1]["responses/table"], wandb.Table)
@@ -301,7 +287,7 @@ def test_cli_on_a_checkpoint(checkpoint, tmp_path, capsys):
         )
         == 0
     )
-    assert len(list((tmp_path / "masks").glob("*.png"))) == 3
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == ["masks.png"]
     assert (
         analysis.main(
             [
