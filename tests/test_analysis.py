@@ -6,11 +6,15 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import datagen
 import pytest
 import torch
+import wandb
+import yaml
+from conftest import wandb_records
 from PIL import Image
 
 import ran
@@ -26,6 +30,7 @@ from experiments.analysis import (
     save_mask_pictures,
     stage_responses,
 )
+from ran.cli import WANDB_ID_FILE
 from ran.pictures import mask_grid, mask_range, response_chart
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
@@ -181,8 +186,6 @@ def test_mask_pictures_of_channel_and_spatial_gates(tmp_path, mask):
 
 
 def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
-    import wandb
-
     class Run:
         def __init__(self):
             self.logged = []
@@ -340,6 +343,66 @@ def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
     assert float(rows["stage3"]["learning=nal"]) < float(rows["stage3"]["learning=arl"])
 
 
+def run_directory(root: Path, checkpoint: Path, data_root: Path, wandb_id: str | None) -> Path:
+    """A run directory as `ran fit` leaves it: the best checkpoint, config.yaml and the W&B run id."""
+    run = root / "tiny-run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run / "checkpoints" / "best.ckpt")
+    config = {
+        "data": {"class_path": "datamodules.CIFAR10DataModule", "init_args": {"data_dir": str(data_root)}},
+        "run": {"name": "tiny-run", "project": "residual-attention", "group": "cifar10"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if wandb_id:
+        (run / WANDB_ID_FILE).write_text(wandb_id + "\n")
+    return run
+
+
+def test_cli_attaches_pictures_and_tables_to_the_runs_offline_wandb_run(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path, data_root, _ = checkpoint
+    run = run_directory(tmp_path, path, data_root, "tinyrun1")
+    assert analysis.main(["masks", "--run-dir", str(run), "--num-images", "2"]) == 0
+    assert analysis.main(["responses", "--run-dir", str(run), "--num-images", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"attached to the W&B run tinyrun1 of {run}") == 2
+    assert (
+        "the first 2 CIFAR-10 test images" in out and "| stage | tiny-run |" in out
+    )  # data from config.yaml
+    assert (run / "analysis" / "masks" / "masks.png").is_file()
+    assert sorted(p.name for p in (run / "analysis" / "responses").iterdir()) == [
+        "responses.csv",
+        "responses.md",
+        "responses.png",
+    ]
+    wandb.teardown()  # waits until W&B's service has written the offline run files
+    offline = sorted((run / "wandb").glob("offline-run-*-tinyrun1"))
+    assert len(offline) == 2  # the masks, then the responses, each resuming the run's id
+    logged = [
+        {item.key or item.nested_key[0] for item in record.history.item}
+        for folder in offline
+        for record in wandb_records(folder / "run-tinyrun1.wandb")
+        if record.HasField("history")
+    ]
+    assert {"masks/analysis"} <= set().union(*logged) and {
+        "responses/chart",
+        "responses/table",
+    } <= set().union(*logged)
+    assert len(list((offline[0] / "files" / "media" / "images" / "masks").glob("analysis_*.png"))) == 1
+
+
+def test_cli_on_a_run_without_wandb_writes_files_only(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path, data_root, _ = checkpoint
+    run = run_directory(tmp_path, path, data_root, None)
+    out = tmp_path / "elsewhere"
+    assert analysis.main(["masks", "--run-dir", str(run), "--num-images", "2", "--out", str(out)]) == 0
+    assert "has no wandb_run_id" in capsys.readouterr().out
+    assert (out / "masks.png").is_file() and not (run / "wandb").exists()
+
+
 @pytest.mark.parametrize(
     "argv,needle,fix",
     [
@@ -354,6 +417,7 @@ def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
         (["responses", "--compare", "learning=arl,nal"], "--compare needs --model", False),
         (["responses", "--model", "attention1000"], "unknown model 'attention1000'", False),
         (["responses"], "nothing to measure", False),
+        (["masks", "--run-dir", "{tmp}/no_run"], "{tmp}/no_run/checkpoints/best.ckpt", True),
     ],
 )
 def test_cli_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys, argv, needle, fix):
