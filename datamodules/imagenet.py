@@ -173,6 +173,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         classes: class folder names (wnids), index order.
     """
 
+    mean = IMAGENET_MEAN  # the normalisation of every batch, as the CIFAR data modules state theirs
+    std = IMAGENET_STD
+
     def __init__(
         self,
         data_dir: str,

@@ -8,7 +8,7 @@ python -m experiments report table3 --budget paper
 python -m experiments plan table3 --budget paper --measure
 python -m experiments plan all --budget paper cpu-mini
 python -m experiments responses --model attention164_cifar --compare learning=arl,nal
-python -m experiments masks --ckpt runs/.../checkpoints/best.ckpt --data-dir data
+python -m experiments masks --run-dir runs/cifar10-attention92
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # plan --measure and the analyses train and run networks in this process
     if argv and argv[0] in ("responses", "masks"):
-        from experiments.analysis import main as analysis_main
+        from experiments.analysis.cli import main as analysis_main  # deferred: wandb and matplotlib
 
         return analysis_main(argv)
     overrides = argv[argv.index("--") + 1 :] if "--" in argv else []

@@ -6,30 +6,32 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import shutil
 from pathlib import Path
 
 import datagen
 import pytest
 import torch
+import wandb
+import yaml
+from conftest import wandb_records
 from PIL import Image
 
 import ran
 from datamodules import CIFAR10_MEAN, CIFAR10_STD
 from experiments import analysis
 from experiments.analysis import (
-    HEADER_HEIGHT,
     AnalysisImages,
     ResponseTable,
     compare_responses,
-    draw_response_chart,
-    jet_colormap,
     load_analysis_images,
     load_checkpoint_network,
-    mask_grid_size,
     resolve_network,
     save_mask_pictures,
     stage_responses,
 )
+from ran.cli import WANDB_ID_FILE
+from ran.pictures import mask_grid, mask_range, response_chart
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -140,7 +142,7 @@ def test_response_table_writes_markdown_csv_and_a_chart(tmp_path):
     assert rows[0] == ["stage", "ARL", "NAL"] and [float(v) for v in rows[4][1:]] == [500.0, 0.2]
     with Image.open(png) as image:
         assert image.size == (760, 440) and image.mode == "RGB"
-    linear = draw_response_chart(ResponseTable({"x": {"stem": 1.0, "stage1": 2.0}}), log_scale=False)
+    linear = response_chart({"x": {"stem": 1.0, "stage1": 2.0}}, log_scale=False)
     assert linear.size == (760, 440)
 
 
@@ -150,51 +152,40 @@ def test_networks_with_different_stages_share_a_table():
     table = compare_responses(networks, x)
     assert table.stages == STAGES and math.isnan(table.value("ResNet", "stage4"))
     assert table.to_markdown().splitlines()[-1].startswith("| stage4 | - | ")
-    assert draw_response_chart(table).size == (760, 440)
+    assert response_chart(table.responses).size == (760, 440)
 
 
 # --- soft-mask pictures -------------------------------------------------------------------------------------
 
 
-def test_jet_colormap_runs_from_dark_blue_to_dark_red():
-    lut = jet_colormap()
-    assert lut.shape == (256, 3) and lut.dtype == torch.uint8
-    assert lut[0].tolist() == [0, 0, 128] and lut[255].tolist() == [128, 0, 0]
-
-
-def test_one_mask_picture_per_attention_module(tmp_path):
+def test_one_grid_of_every_attention_module_on_one_colour_scale(tmp_path):
     net = tiny("attention92_cifar")
     images = random_uint8(5)
-    paths = save_mask_pictures(net, images, CIFAR10_MEAN, CIFAR10_STD, tmp_path, max_images=4)
-    names = list(net.attention_modules)
-    assert len(names) == 6 and [p.name for p in paths] == [f"{i:02d}_{n}.png" for i, n in enumerate(names)]
-    width, height = mask_grid_size(4, 16, 16)
-    assert (width, height) == (3 * 96 + 4 * 2, HEADER_HEIGHT + 4 * 96 + 5 * 2)
-    lut = {tuple(c) for c in jet_colormap()[[0, 255]].tolist()}
-    for path in paths:
-        with Image.open(path) as picture:
-            assert picture.size == (width, height)
-            heat = picture.crop((2 + 96 + 2, HEADER_HEIGHT + 2, 2 + 2 * 96 + 2, HEADER_HEIGHT + 2 + 96))
-            assert lut <= set(heat.getdata())  # normalised per image: its minimum and maximum are both there
-            first_input = picture.crop((2, HEADER_HEIGHT + 2, 2 + 96, HEADER_HEIGHT + 2 + 96))
-            expected = Image.fromarray(images[0].permute(1, 2, 0).contiguous().numpy())
-            expected = expected.resize((96, 96), Image.Resampling.NEAREST)
-            assert list(first_input.getdata()) == list(expected.getdata())
+    path = save_mask_pictures(net, images, CIFAR10_MEAN, CIFAR10_STD, tmp_path, max_images=4)
+    assert path == tmp_path / "masks.png"
+    with Image.open(path) as picture:
+        assert picture.mode == "RGB" and picture.width > picture.height  # 7 columns, 4 rows
+    masks = net.eval().soft_masks(torch.randn(2, 3, 16, 16))
+    assert len(masks) == 6 and mask_range(masks) == (0.0, 1.0)  # sigmoid masks: one fixed scale
+    # the grid grows by a column per module and a row per image
+    one = mask_grid(images[:1], dict(list(masks.items())[:1]))
+    assert mask_grid(images[:1], masks).width > one.width and mask_grid(images[:2], masks).height > one.height
+    with pytest.raises(ValueError, match="at least one soft mask"):
+        mask_grid(images, {})
+
+
+def test_channel_attention_shares_one_range_over_all_modules():
+    masks = {"a": torch.full((1, 2, 4, 4), -0.5), "b": torch.full((1, 2, 4, 4), 0.8)}
+    assert mask_range(masks) == pytest.approx((-0.5, 0.8))  # not per module, not per image
 
 
 @pytest.mark.parametrize("mask", ["cbam_channel", "cbam_spatial", "cbam", "none"])
 def test_mask_pictures_of_channel_and_spatial_gates(tmp_path, mask):
-    net = tiny(mask=mask)
-    paths = save_mask_pictures(net, random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
-    assert len(paths) == (0 if mask == "none" else 3)
-    for path in paths:
-        with Image.open(path) as picture:
-            assert picture.size == mask_grid_size(2, 16, 16)
+    path = save_mask_pictures(tiny(mask=mask), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    assert (path is None) == (mask == "none") and path == (None if mask == "none" else tmp_path / "masks.png")
 
 
 def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
-    import wandb
-
     class Run:
         def __init__(self):
             self.logged = []
@@ -204,11 +195,9 @@ def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
 
     run = Run()
     monkeypatch.setattr(wandb, "run", run)
-    net = tiny()
-    save_mask_pictures(net, random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    save_mask_pictures(tiny(), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
     (data,) = run.logged
-    assert list(data) == [f"masks/{name}" for name in net.attention_modules]
-    assert all(isinstance(v, wandb.Image) for v in data.values())
+    assert list(data) == ["masks/analysis"] and isinstance(data["masks/analysis"], wandb.Image)
     ResponseTable({"ARL": {"stem": 1.0, "stage1": 2.0}}).save(tmp_path / "responses")
     assert set(run.logged[1]) == {"responses/chart", "responses/table"}
     assert isinstance(run.logged[1]["responses/table"], wandb.Table)
@@ -301,7 +290,7 @@ def test_cli_on_a_checkpoint(checkpoint, tmp_path, capsys):
         )
         == 0
     )
-    assert len(list((tmp_path / "masks").glob("*.png"))) == 3
+    assert [p.name for p in (tmp_path / "masks").iterdir()] == ["masks.png"]
     assert (
         analysis.main(
             [
@@ -354,6 +343,66 @@ def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
     assert float(rows["stage3"]["learning=nal"]) < float(rows["stage3"]["learning=arl"])
 
 
+def run_directory(root: Path, checkpoint: Path, data_root: Path, wandb_id: str | None) -> Path:
+    """A run directory as `ran fit` leaves it: the best checkpoint, config.yaml and the W&B run id."""
+    run = root / "tiny-run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, run / "checkpoints" / "best.ckpt")
+    config = {
+        "data": {"class_path": "datamodules.CIFAR10DataModule", "init_args": {"data_dir": str(data_root)}},
+        "run": {"name": "tiny-run", "project": "residual-attention", "group": "cifar10"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if wandb_id:
+        (run / WANDB_ID_FILE).write_text(wandb_id + "\n")
+    return run
+
+
+def test_cli_attaches_pictures_and_tables_to_the_runs_offline_wandb_run(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path, data_root, _ = checkpoint
+    run = run_directory(tmp_path, path, data_root, "tinyrun1")
+    assert analysis.main(["masks", "--run-dir", str(run), "--num-images", "2"]) == 0
+    assert analysis.main(["responses", "--run-dir", str(run), "--num-images", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"attached to the W&B run tinyrun1 of {run}") == 2
+    assert (
+        "the first 2 CIFAR-10 test images" in out and "| stage | tiny-run |" in out
+    )  # data from config.yaml
+    assert (run / "analysis" / "masks" / "masks.png").is_file()
+    assert sorted(p.name for p in (run / "analysis" / "responses").iterdir()) == [
+        "responses.csv",
+        "responses.md",
+        "responses.png",
+    ]
+    wandb.teardown()  # waits until W&B's service has written the offline run files
+    offline = sorted((run / "wandb").glob("offline-run-*-tinyrun1"))
+    assert len(offline) == 2  # the masks, then the responses, each resuming the run's id
+    logged = [
+        {item.key or item.nested_key[0] for item in record.history.item}
+        for folder in offline
+        for record in wandb_records(folder / "run-tinyrun1.wandb")
+        if record.HasField("history")
+    ]
+    assert {"masks/analysis"} <= set().union(*logged) and {
+        "responses/chart",
+        "responses/table",
+    } <= set().union(*logged)
+    assert len(list((offline[0] / "files" / "media" / "images" / "masks").glob("analysis_*.png"))) == 1
+
+
+def test_cli_on_a_run_without_wandb_writes_files_only(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    path, data_root, _ = checkpoint
+    run = run_directory(tmp_path, path, data_root, None)
+    out = tmp_path / "elsewhere"
+    assert analysis.main(["masks", "--run-dir", str(run), "--num-images", "2", "--out", str(out)]) == 0
+    assert "has no wandb_run_id" in capsys.readouterr().out
+    assert (out / "masks.png").is_file() and not (run / "wandb").exists()
+
+
 @pytest.mark.parametrize(
     "argv,needle,fix",
     [
@@ -368,6 +417,7 @@ def test_cli_compares_learning_rules_at_initialisation(tmp_path, capsys):
         (["responses", "--compare", "learning=arl,nal"], "--compare needs --model", False),
         (["responses", "--model", "attention1000"], "unknown model 'attention1000'", False),
         (["responses"], "nothing to measure", False),
+        (["masks", "--run-dir", "{tmp}/no_run"], "{tmp}/no_run/checkpoints/best.ckpt", True),
     ],
 )
 def test_cli_errors_name_the_problem_and_exit_non_zero(tmp_path, capsys, argv, needle, fix):
