@@ -22,18 +22,14 @@ requeue that left `hpc_ckpt_N.ckpt`) or `--run.overwrite true` is given.
 
 from __future__ import annotations
 
-import netrc
 import os
-import secrets
 import shutil
 import signal
-import string
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import torch
@@ -59,11 +55,13 @@ from ran.callbacks import (
     TrainingDiverged,
     ValidateAtMaxSteps,
 )
+from ran.mask_monitor import SoftMaskMonitor
 from ran.module import ImageClassifier
 from ran.registry import list_models
 from ran.results import ResultsWriter
 from ran.rundir import RunDir, UnreadableCheckpoint, checkpoint_problem
 from ran.summary import summary_main
+from ran.tracking import new_wandb_id, wandb_mode
 
 BASE_KEY = "__base__"
 
@@ -75,7 +73,6 @@ __all__ = [
     "is_launch_rank_zero",
     "load_config",
     "main",
-    "wandb_mode",
 ]
 
 
@@ -193,32 +190,6 @@ def is_launch_rank_zero() -> bool:
     if "LOCAL_RANK" in env:
         return int(env["LOCAL_RANK"]) == 0 and int(env.get("NODE_RANK", env.get("GROUP_RANK", 0))) == 0
     return int(env.get("SLURM_PROCID", 0)) == 0
-
-
-def wandb_has_credentials() -> bool:
-    """An API key in WANDB_API_KEY or a ~/.netrc (or $NETRC) entry for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def wandb_mode() -> Literal["online", "offline", "disabled"]:
-    """WANDB_MODE if set ('dryrun' counts as offline), else online with credentials and offline without."""
-    mode = os.environ.get("WANDB_MODE", "").lower()
-    if mode in ("online", "offline", "disabled"):
-        return mode  # type: ignore[return-value]
-    if mode == "dryrun":
-        return "offline"
-    return "online" if wandb_has_credentials() else "offline"
-
-
-def new_wandb_id() -> str:
-    """A fresh W&B run id (8 lowercase letters and digits, W&B's own format)."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def check_writable(path: Path) -> None:
@@ -486,7 +457,7 @@ class RanCLI(LightningCLI):
                 auto_insert_metric_name=False,
             )
             callbacks += [best, last]
-        callbacks.append(self.stop)
+        callbacks += [self.stop, SoftMaskMonitor(self.run_dir.path)]
         if loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         if trainer_cfg.get("enable_progress_bar", True) is not False:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 RESULTS_FILE = "results.json"
 WANDB_ID_FILE = "wandb_run_id"
 FIT_STATUSES = ("running", "finished", "interrupted", "diverged", "failed")
@@ -125,6 +127,10 @@ class RunDir:
         object.__setattr__(self, "path", Path(self.path))
 
     @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
@@ -146,6 +152,11 @@ class RunDir:
 
     def config_file(self, stage: str = "fit") -> Path:
         return self.path / ("config.yaml" if stage == "fit" else f"config_{stage}.yaml")
+
+    def read_config(self, stage: str = "fit") -> dict[str, Any]:
+        """The resolved config the run ran with ({} when absent)."""
+        path = self.config_file(stage)
+        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
     def hpc_checkpoints(self) -> list[Path]:
         return sorted(self.path.glob("hpc_ckpt_*.ckpt"))

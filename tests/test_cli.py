@@ -16,8 +16,9 @@ import torch
 import yaml
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
 
-from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main, wandb_mode
+from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main
 from ran.module import ImageClassifier
+from ran.tracking import wandb_mode
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 

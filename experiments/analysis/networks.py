@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from ran.module import ImageClassifier
 from ran.registry import create_model, list_models
+from ran.rundir import RunDir
 
 __all__ = [
     "BN_STATS",
@@ -91,14 +91,14 @@ def infer_dataset(net: nn.Module) -> str:
     return "cifar100" if getattr(net, "num_classes", 10) == 100 else "cifar10"
 
 
-@dataclass
-class RunDirectory:
-    """A run directory of `ran fit` (`runs/<name>`): its best checkpoint and the config it ran with."""
-
-    path: Path
+@dataclass(frozen=True)
+class RunDirectory(RunDir):
+    """A run directory of `ran fit` (`runs/<name>`) that the analyses read: its best checkpoint (required)
+    and the config it ran with."""
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path).expanduser()
+        super().__post_init__()
+        object.__setattr__(self, "path", self.path.expanduser())
         if not self.checkpoint.is_file():
             raise FileNotFoundError(
                 f"run directory without a best checkpoint: {self.checkpoint} not found. Fix: pass the "
@@ -106,18 +106,13 @@ class RunDirectory:
             )
 
     @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
     def checkpoint(self) -> Path:
-        return self.path / "checkpoints" / "best.ckpt"
+        return self.best_ckpt
 
     @property
     def config(self) -> dict[str, Any]:
         """The resolved config `ran fit` wrote (`config.yaml`); empty when absent."""
-        path = self.path / "config.yaml"
-        return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        return self.read_config()
 
     @property
     def data(self) -> tuple[str | None, str | None]:

@@ -9,7 +9,8 @@ from typing import Any
 import wandb
 
 from experiments.analysis.networks import RunDirectory
-from ran.cli import WANDB_ID_FILE, wandb_mode
+from ran.rundir import WANDB_ID_FILE
+from ran.tracking import wandb_mode
 
 __all__ = ["active_wandb_run", "attached_wandb_run"]
 
