@@ -172,13 +172,10 @@ class ResolvedConfig:
 
     @property
     def network_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments `ImageClassifier` gives `ran.create_model` besides the arch: the switches
-        (None where unset), `model_kwargs` and, where known, `num_classes`."""
+        """What `ImageClassifier` gives `ran.create_model` besides the arch and `num_classes`: the switches
+        (None where unset; `create_model` leaves those out) and `model_kwargs`."""
         kwargs = {key: self.model[key] for key in ("attention", "learning", "mask")}
-        kwargs.update(self.model.get("model_kwargs") or {})
-        if self.num_classes is not None:
-            kwargs["num_classes"] = self.num_classes
-        return kwargs
+        return {**kwargs, **(self.model.get("model_kwargs") or {})}
 
 
 def resolve_config(args: Sequence[str]) -> ResolvedConfig:
