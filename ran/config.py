@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +184,8 @@ def resolve_config(args: Sequence[str]) -> ResolvedConfig:
     try:
         namespace = _fit_parser().parse_args(argv)
     except argparse.ArgumentError as err:
-        raise ConfigError(f"ran fit {shlex.join(args)}: {err}") from None
+        files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+        raise ConfigError(f"ran fit -c {' -c '.join(files)} ...: {err}") from None
     config = namespace.fit.as_dict()
     config.pop("config", None)
     return ResolvedConfig(config)
