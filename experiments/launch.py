@@ -1,5 +1,5 @@
-"""Launching a suite's runs: locally (one after another or N at a time), on SLURM (one job per run), or as a
-plain list of commands for any other scheduler.
+"""Launching a suite's runs: locally (one after another or N at a time), on SLURM (a job per run and seed,
+or a job array over the seeds of each run), or as a plain list of commands for any other scheduler.
 
 Every run is `ran fit` on its config plus the budget overlay, then `ran test` of its best checkpoint. Its
 directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite and its tags the suite
