@@ -25,8 +25,19 @@ ROOT = Path(__file__).resolve().parent
 SUITES_DIR = ROOT / "suites"
 BUDGETS_DIR = ROOT / "budgets"
 BUDGETS = ("paper", "cpu-mini", "smoke")
-SUITE_KEYS = {"title", "paper_ref", "aliases", "budget_family", "metric", "metric_label", "rows", "columns"}
-SUITE_KEYS |= {"note", "slurm", "runs"}
+SUITE_KEYS = {
+    "title",
+    "paper_ref",
+    "aliases",
+    "budget_family",
+    "metric",
+    "metric_label",
+    "rows",
+    "columns",
+    "note",
+    "slurm",
+    "runs",
+}
 SLURM_KEYS = {"time", "cpus_per_task"}
 
 
