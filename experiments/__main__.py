@@ -1,7 +1,7 @@
 """`python -m experiments`: run the paper's tables as suites, report them beside the paper, plan their cost.
 
 python -m experiments list
-python -m experiments run table3 --budget paper --launcher slurm --partition gpu
+python -m experiments run table3 --budget paper --launcher slurm --partition gpu --seeds 0 1 2 --array
 python -m experiments run arl_vs_nal --budget cpu-mini --data-dir ../shared/data --parallel 1
 python -m experiments run table3 --budget paper --launcher list > commands.txt
 python -m experiments report table3 --budget paper
@@ -20,6 +20,7 @@ from pathlib import Path
 from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
 from ran.allocator import keep_freed_memory
+from ran.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,13 +49,21 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", help="the dataset folder, passed to every run as --data.init_args.data_dir"
     )
     run.add_argument("--dry-run", action="store_true", help="slurm: write the scripts, do not submit")
-    run.add_argument("--partition")
-    run.add_argument("--time", default="48:00:00", help="slurm: time limit")
-    run.add_argument("--cpus-per-task", type=int, default=8)
-    run.add_argument("--mem")
-    run.add_argument("--account")
+    run.add_argument("--partition", help="slurm: partition")
     run.add_argument(
-        "--setup", default="", help="slurm: shell lines before the job (e.g. 'source .venv/bin/activate')"
+        "--time",
+        help="slurm: time limit of a job (default: the suite's, else CIFAR 24:00:00, ImageNet 72:00:00)",
+    )
+    run.add_argument(
+        "--cpus-per-task",
+        type=int,
+        help="slurm: CPUs per task (default: the suite's, else CIFAR 8, ImageNet 16)",
+    )
+    run.add_argument("--mem", help="slurm: memory per node (e.g. 0 for all of it)")
+    run.add_argument("--account", help="slurm: account")
+    run.add_argument("--array", action="store_true", help="slurm: one script per run, its seeds a job array")
+    run.add_argument(
+        "--setup", default="", help="slurm: shell lines before the job (e.g. 'module load cuda')"
     )
     run.epilog = (
         "Arguments after `--` are passed to every `ran fit` and `ran test` "
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"written: {md}, {csv_path}")
             return 0
         raise AssertionError(args.command)
-    except (SuiteError, RuntimeError, FileNotFoundError) as err:
+    except (SuiteError, ConfigError, RuntimeError, FileNotFoundError) as err:
         print(f"python -m experiments: error: {err}", file=sys.stderr)
         return 2
 
@@ -179,6 +188,7 @@ def _run(args: argparse.Namespace, suite) -> int:
             mem=args.mem,
             account=args.account,
             setup=args.setup,
+            array=args.array,
         )
         run_slurm(jobs, options, submit=not args.dry_run)
         return 0

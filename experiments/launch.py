@@ -1,9 +1,10 @@
-"""Launching a suite's runs: locally (one after another or N at a time), on SLURM (one job per run), or as a
-plain list of commands for any other scheduler.
+"""Launching a suite's runs: locally (one after another or N at a time), on SLURM (a job per run and seed,
+or a job array over the seeds of each run), or as a plain list of commands for any other scheduler.
 
 Every run is `ran fit` on its config plus the budget overlay, then `ran test` of its best checkpoint. Its
 directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite and its tags the suite
-and its factors (from the run config), so a dashboard groups and compares the runs.
+and its factors (from suite.yaml), so a dashboard groups and compares the runs. Its resolved config (devices,
+nodes, network) comes from `ran.config.resolve_config`, the parser that runs the job.
 """
 
 from __future__ import annotations
@@ -16,23 +17,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from experiments.suites import Run, Suite, SuiteError
-from ran.rundir import RESULTS_FILE
+from experiments.suites import Run, Suite
+from ran.config import ResolvedConfig, resolve_config
+from ran.rundir import RunDir
+
+# A SLURM job array's seed: the script's runs read it from SLURM_ARRAY_TASK_ID.
+ARRAY_SEED = "${SLURM_ARRAY_TASK_ID}"
 
 
 @dataclass(frozen=True)
 class Job:
-    """One run of a suite with one seed, under one budget."""
+    """One run of a suite with one seed (or `ARRAY_SEED`, a job array's), under one budget."""
 
     suite: Suite
     run: Run
     budget: str
-    seed: int
+    seed: int | str
     root: Path
     extra: tuple[str, ...] = ()
 
@@ -60,8 +66,16 @@ class Job:
             str(self.root),
             "--run.name",
             self.name,
+            "--run.group",
+            self.suite.name,
+            "--run.tags",
+            "[" + ",".join(self.suite.tags(self.run)) + "]",
             *self.extra,
         ]
+
+    def resolved_config(self) -> ResolvedConfig:
+        """The config its `ran fit` runs with (run config, budget, overrides), as that command parses it."""
+        return resolve_config(self.fit_args()[1:])
 
     def fit_args(self, resume: bool = False) -> list[str]:
         return ["fit", *self.config_args(), *(["--ckpt_path", "last"] if resume else [])]
@@ -70,13 +84,16 @@ class Job:
         return ["test", *self.config_args(), "--ckpt_path", "best"]
 
     def state(self) -> str:
-        """'done' (tested), 'resumable' (has a last checkpoint), 'stale' (a directory without one) or
-        'new'."""
-        if (self.run_dir / RESULTS_FILE).is_file() and "test" in _read_json(self.run_dir / RESULTS_FILE):
+        """'done' (fit finished and tested), 'resumable' (has a checkpoint), 'diverged' (its fit diverged:
+        resuming would diverge again) or 'new' (nothing to keep, including a directory left by a start that
+        failed before its first checkpoint)."""
+        run_dir = RunDir(self.run_dir)
+        status = run_dir.fit_status()
+        if status == "finished" and "test" in run_dir.read_results():
             return "done"
-        if (self.run_dir / "checkpoints" / "last.ckpt").is_file():
-            return "resumable"
-        return "stale" if self.run_dir.exists() else "new"
+        if status == "diverged":
+            return "diverged"
+        return "resumable" if run_dir.holds_run() else "new"
 
 
 def _shown(path: Path) -> str:
@@ -85,15 +102,6 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def make_jobs(
@@ -114,8 +122,13 @@ def ran_executable() -> str:
     return str(beside) if beside.is_file() else "ran"
 
 
-def shell_line(args: list[str]) -> str:
-    return shlex.join(["ran", *args])
+def shell_quote(arg: str) -> str:
+    """`arg` quoted for the shell, except a job array's seed, which the shell expands."""
+    return f'"{ARRAY_SEED}"'.join(shlex.quote(part) if part else "" for part in arg.split(ARRAY_SEED))
+
+
+def shell_line(args: list[str], ran: str = "ran") -> str:
+    return " ".join(shell_quote(arg) for arg in [ran, *args])
 
 
 # --- plain list ---------------------------------------------------------------------------------------------
@@ -145,12 +158,12 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
             log(f"[skip] {job.name}: finished already")
             statuses[job.name] = 0
             return
-        if state == "stale":
+        if state == "diverged":
             log(
-                f"[fail] {job.name}: {job.run_dir} exists without a checkpoint; "
-                "remove it or pick another --root"
+                f"[fail] {job.name}: its fit diverged (see {RunDir(job.run_dir).results_file}); change the "
+                "recipe (e.g. -- --model.lr ...) and start it afresh with -- --run.overwrite true"
             )
-            statuses[job.name] = 2
+            statuses[job.name] = 1
             return
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         log_path = job.run_dir.with_suffix(".log")
@@ -211,121 +224,124 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
 # --- SLURM --------------------------------------------------------------------------------------------------
 
 
+# Per dataset family, the time limit of one job and the CPUs of each task (one task per device). The time
+# limit bounds a job, not a run: SIGUSR1 90 s before it makes Lightning save and requeue, and the requeued job
+# resumes. 24 h and 72 h are common limits of GPU partitions (a longer --time is refused at submission where
+# the partition's MaxTime is lower; `sinfo -o "%P %l"` lists them). CPUs: CIFAR lives in memory and is
+# augmented on the batch (no DataLoader workers by default), so 8 CPUs serve the main process's threads;
+# ImageNet decodes and crops JPEGs in its DataLoader workers (8 per task in the config), so 16 CPUs leave
+# them a core each and the main process its own. These are defaults, not measurements: a suite overrides
+# them in its suite.yaml (`slurm: {time: ..., cpus_per_task: ...}`) and the command line overrides both.
+SLURM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cifar": {"time": "24:00:00", "cpus_per_task": 8},
+    "imagenet": {"time": "72:00:00", "cpus_per_task": 16},
+}
+
+
 @dataclass(frozen=True)
 class SlurmOptions:
+    """The launcher's SLURM options; `time` and `cpus_per_task` left None take the suite's, then the dataset
+    family's default (`SLURM_DEFAULTS`)."""
+
     partition: str | None = None
-    time: str = "48:00:00"
-    cpus_per_task: int = 8
+    time: str | None = None
+    cpus_per_task: int | None = None
     mem: str | None = None
     account: str | None = None
-    setup: str = ""  # shell lines run before the job (module load, source venv, ...)
+    setup: str = ""  # shell lines run before the job (module load, ...)
+    array: bool = False  # one script per run, its seeds a job array
+
+    def resolved(self, suite: Suite, key: str) -> Any:
+        """The option `key` for `suite`: the command line's, else the suite's, else its family's default."""
+        given = getattr(self, key)
+        if given is not None:
+            return given
+        return suite.slurm.get(key, SLURM_DEFAULTS[suite.budget_family][key])
 
 
-def overrides_config(args: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`ran` command-line overrides (`--trainer.precision bf16-mixed`, `--model.channels_last=true`,
-    `--data.batch_size 128`) as a nested config to merge onto a run's, so that a SLURM script asks for the
-    devices and a plan measures the recipe that the runs launched with the same overrides will have."""
-    import yaml
-
-    config: dict[str, Any] = {}
-    items = list(args)
-    while items:
-        token = items.pop(0)
-        if not token.startswith("--"):
-            raise SuiteError(f"cannot read the override {token!r}: give `--key value` or `--key=value` pairs")
-        key, sep, value = token[2:].partition("=")
-        if not sep:
-            if not items or items[0].startswith("--"):
-                raise SuiteError(f"the override --{key} has no value: give `--{key} VALUE`")
-            value = items.pop(0)
-        path = key.split(".")
-        if path[0] == "data" and len(path) > 1 and path[1] not in ("init_args", "class_path"):
-            path.insert(1, "init_args")
-        node = config
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(value)
-    return config
-
-
-def job_config(job: Job) -> dict[str, Any]:
-    """The run's config, its budget's overlay, then the job's command-line overrides."""
-    from ran.cli import load_config, merge_configs
-
-    cfg = load_config(job.run.config)
-    budget = job.suite.budget_config(job.budget)
-    if budget.is_file():
-        cfg = merge_configs(cfg, load_config(budget))
-    return merge_configs(cfg, overrides_config(job.extra)) if job.extra else cfg
-
-
-def resources(job: Job) -> dict[str, Any]:
-    """Devices, nodes and accelerator of a job, from its merged config (run config, budget, overrides)."""
-    trainer = job_config(job).get("trainer", {})
-    devices = trainer.get("devices", 1)
-    return {
-        "devices": devices if isinstance(devices, int) else 1,
-        "nodes": int(trainer.get("num_nodes", 1)),
-        "accelerator": trainer.get("accelerator", "auto"),
-    }
-
-
-def sbatch_script(job: Job, options: SlurmOptions) -> str:
-    """A batch script: one task per device on every node (Lightning's SLURM environment reads them), the
-    pre-emption signal 90 s before the time limit so that Lightning saves and requeues the job, and the test
-    of the best checkpoint after the fit."""
-    res = resources(job)
-    gpu = res["accelerator"] in ("gpu", "cuda", "auto")
+def sbatch_script(job: Job, options: SlurmOptions, seeds: Sequence[int] = ()) -> str:
+    """A batch script for `job`, or with `seeds` for `job.run` under each seed as a job array (the seed is the
+    array index). One task per device on every node (Lightning's SLURM environment reads them) with the
+    resources of the job's resolved config, the venv's own `ran`, the pre-emption signal 90 s before the time
+    limit so that Lightning saves and requeues, the log appended to across requeues, one failed rank ending
+    every rank, and the test of the best checkpoint after the fit."""
+    config = job.resolved_config()  # the resources do not depend on the seed
+    if seeds:
+        job = replace(job, seed=ARRAY_SEED)
+    devices, nodes = config.devices, config.nodes
+    gpu = config.trainer["accelerator"] in ("gpu", "cuda", "auto")
+    array_log = f"{job.root / job.name.replace(ARRAY_SEED, '%a')}.slurm-%A_%a.out"  # %a: the seed
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job.suite.name}-{job.label}",
-        f"#SBATCH --nodes={res['nodes']}",
-        f"#SBATCH --ntasks-per-node={res['devices']}",
-        f"#SBATCH --cpus-per-task={options.cpus_per_task}",
-        f"#SBATCH --time={options.time}",
+        f"#SBATCH --job-name={job.suite.name}-{job.run.name if seeds else job.label}",
+        f"#SBATCH --nodes={nodes}",
+        f"#SBATCH --ntasks-per-node={devices}",
+        f"#SBATCH --cpus-per-task={options.resolved(job.suite, 'cpus_per_task')}",
+        f"#SBATCH --time={options.resolved(job.suite, 'time')}",
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
-        f"#SBATCH --output={job.run_dir}.slurm-%j.out",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={array_log if seeds else f'{job.run_dir}.slurm-%j.out'}",
     ]
+    if seeds:
+        lines.append(f"#SBATCH --array={','.join(str(seed) for seed in seeds)}")
     if gpu:
-        lines.append(f"#SBATCH --gres=gpu:{res['devices']}")
-    if options.partition:
-        lines.append(f"#SBATCH --partition={options.partition}")
-    if options.mem:
-        lines.append(f"#SBATCH --mem={options.mem}")
-    if options.account:
-        lines.append(f"#SBATCH --account={options.account}")
+        lines.append(f"#SBATCH --gres=gpu:{devices}")
+    for key in ("partition", "mem", "account"):
+        if getattr(options, key):
+            lines.append(f"#SBATCH --{key}={getattr(options, key)}")
     lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
     if options.setup:
         lines.append(options.setup)
+    ran = ran_executable()
+    srun = "srun --kill-on-bad-exit=1"
     # A requeued job finds its own hpc_ckpt_*.ckpt: `ran fit` resumes from it without --ckpt_path.
     lines += [
-        f"if [ -f {shlex.quote(str(job.run_dir / 'checkpoints' / 'last.ckpt'))} ]; "
-        "then RESUME='--ckpt_path last';"
-        " else RESUME=''; fi",
-        f"srun {shell_line(job.fit_args())} $RESUME",
-        f"srun --ntasks=1 --nodes=1 {shell_line(job.test_args())} --trainer.devices 1 --trainer.num_nodes 1 "
-        "--trainer.strategy auto",
+        "# Since SLURM 22.05 srun does not pass --cpus-per-task on to its tasks: without this line, each",
+        "# rank and its DataLoader workers may share one core.",
+        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+        f"if [ -f {shell_quote(str(job.run_dir / 'checkpoints' / 'last.ckpt'))} ]; "
+        "then RESUME='--ckpt_path last'; else RESUME=''; fi",
+        f"{srun} {shell_line(job.fit_args(), ran)} $RESUME",
+        f"{srun} --ntasks=1 --nodes=1 {shell_line(job.test_args(), ran)} --trainer.devices 1 "
+        "--trainer.num_nodes 1 --trainer.strategy auto",
     ]
     return "\n".join(lines) + "\n"
 
 
 def run_slurm(jobs: list[Job], options: SlurmOptions, submit: bool = True, log=print) -> list[Path]:
-    """Write one sbatch script per job under `<root>/<suite>/<budget>/slurm/` and, with `submit`, sbatch
-    it."""
+    """Write one sbatch script per job (with `options.array`: per run, its seeds a job array) under
+    `<root>/<suite>/<budget>/slurm/` and, with `submit`, sbatch it. Finished runs are left out."""
     if submit and shutil.which("sbatch") is None:
         raise RuntimeError(
             "sbatch is not on PATH: run this on a SLURM login node, or pass --dry-run to only "
             "write the scripts"
         )
-    paths = []
+    todo = []
     for job in jobs:
         if job.state() == "done":
             log(f"[skip] {job.name}: finished already")
-            continue
-        path = job.root / job.suite.name / job.budget / "slurm" / f"{job.label}.sbatch"
+        else:
+            todo.append(job)
+    if options.array:
+        runs: dict[tuple, list[Job]] = {}
+        for job in todo:
+            runs.setdefault((job.suite.name, job.budget, job.run.name), []).append(job)
+        scripts = [
+            (
+                group[0],
+                f"{group[0].run.name}.sbatch",
+                sbatch_script(group[0], options, [j.seed for j in group]),
+            )
+            for group in runs.values()
+        ]
+    else:
+        scripts = [(job, f"{job.label}.sbatch", sbatch_script(job, options)) for job in todo]
+    paths = []
+    for job, name, script in scripts:
+        path = job.root / job.suite.name / job.budget / "slurm" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(sbatch_script(job, options))
+        path.write_text(script)
         paths.append(path)
         if submit:
             out = subprocess.run(

@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.launch import job_config, make_jobs, resources
+from experiments.launch import make_jobs
 from experiments.suites import Suite, load_suite, suite_names
 from ran.markdown import markdown_lines
-
-DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
 
 
 @dataclass
@@ -68,46 +66,36 @@ class RunCost:
 def run_costs(
     suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None, extra: list[str] | None = None
 ) -> list[RunCost]:
-    """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
-    multiply-adds counted by torch's FlopCounterMode (`ran.summary.count_macs`)."""
+    """Every run of `suite` under `budget`, with its recipe and network from the config its `ran fit` resolves
+    (`ran.config`) and its forward multiply-adds counted by torch's FlopCounterMode
+    (`ran.summary.count_macs`)."""
     from ran.registry import create_model
     from ran.summary import count_macs
 
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
     for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
-        cfg = job_config(job)
-        model, data, trainer = (
-            cfg.get("model", {}),
-            cfg.get("data", {}).get("init_args", {}),
-            cfg.get("trainer", {}),
-        )
-        res = resources(job)
-        net_kwargs = {k: model[k] for k in ("attention", "learning", "mask") if model.get(k)}
-        net_kwargs.update(model.get("model_kwargs") or {})
-        # The CLI links data.num_classes to the model; ImageNet's comes from its tree: the network's own 1000.
-        num_classes = DATA_CLASSES.get(str(cfg.get("data", {}).get("class_path", "")).rsplit(".", 1)[-1])
-        key = (model["arch"], repr(sorted(net_kwargs.items())), num_classes, data.get("image_size"))
+        cfg = job.resolved_config()
+        arch, net_kwargs = cfg.model["arch"], cfg.network_kwargs
+        key = (arch, repr(sorted(net_kwargs.items())), cfg.num_classes, cfg.data.get("image_size"))
         if key not in macs_cache:
-            net = create_model(
-                model["arch"], **net_kwargs, **({"num_classes": num_classes} if num_classes else {})
-            )
-            size = int(data.get("image_size") or net.default_input_size)
+            net = create_model(arch, num_classes=cfg.num_classes, **net_kwargs)
+            size = int(cfg.data.get("image_size") or net.default_input_size)
             macs_cache[key] = (size, net.num_classes, count_macs(net, size))
         size, num_classes, macs = macs_cache[key]
         costs.append(
             RunCost(
                 run=job.run.name,
-                arch=model["arch"],
+                arch=arch,
                 net_kwargs=net_kwargs,
                 num_classes=num_classes,
                 image_size=size,
-                batch=int(data.get("batch_size", 64)),
-                devices=res["devices"] * res["nodes"],
-                iterations=int(trainer.get("max_steps", 0)),
+                batch=int(cfg.data["batch_size"]),
+                devices=cfg.devices * cfg.nodes,
+                iterations=int(cfg.trainer["max_steps"]),
                 seeds=seeds,
-                precision=str(trainer.get("precision", "32")).replace("-true", ""),
-                channels_last=bool(model.get("channels_last", False)),
+                precision=str(cfg.trainer["precision"]).replace("-true", ""),
+                channels_last=bool(cfg.model["channels_last"]),
                 macs=macs,
             )
         )

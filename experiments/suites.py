@@ -4,7 +4,9 @@ A suite is a folder `experiments/suites/<name>/`: `suite.yaml` states the table 
 number, the metric, which factors make its rows and columns) and, for every run, its factors and the
 published figure; beside it, one config per run (`<run>.yaml`), a small file that extends a model config of
 `experiments/configs/` and overrides only what the run changes. Any run starts alone with
-`ran fit -c experiments/suites/<suite>/<run>.yaml`.
+`ran fit -c experiments/suites/<suite>/<run>.yaml`. The factors are written once, in `suite.yaml`: the
+launcher gives each run the suite as its W&B group and the suite and factors as its tags (`Suite.tags`). An
+optional `slurm:` mapping (`time`, `cpus_per_task`) overrides the SLURM launcher's defaults for the suite.
 
 A budget is an overlay config given after the run's (`experiments/budgets/<family>/<budget>.yaml`):
 `paper` is the paper's recipe as the run configs state it, `cpu-mini` a reduced budget for a 2-core CPU,
@@ -23,6 +25,20 @@ ROOT = Path(__file__).resolve().parent
 SUITES_DIR = ROOT / "suites"
 BUDGETS_DIR = ROOT / "budgets"
 BUDGETS = ("paper", "cpu-mini", "smoke")
+SUITE_KEYS = {
+    "title",
+    "paper_ref",
+    "aliases",
+    "budget_family",
+    "metric",
+    "metric_label",
+    "rows",
+    "columns",
+    "note",
+    "slurm",
+    "runs",
+}
+SLURM_KEYS = {"time", "cpus_per_task"}
 
 
 class SuiteError(ValueError):
@@ -50,11 +66,16 @@ class Suite:
     runs: tuple[Run, ...]
     aliases: tuple[str, ...] = ()
     note: str = ""
+    slurm: dict[str, Any] = field(default_factory=dict)  # SLURM defaults for this suite: time, cpus_per_task
 
     def budget_config(self, budget: str) -> Path:
         if budget not in BUDGETS:
             raise SuiteError(f"unknown budget {budget!r}; valid budgets: {', '.join(BUDGETS)}")
         return BUDGETS_DIR / self.budget_family / f"{budget}.yaml"
+
+    def tags(self, run: Run) -> list[str]:
+        """The W&B tags of a run: the suite's name and `factor=value` for each of its factors."""
+        return [self.name, *(f"{key}={value}" for key, value in run.factors.items())]
 
     def run(self, name: str) -> Run:
         for run in self.runs:
@@ -84,6 +105,12 @@ def _aliases(name: str) -> list[str]:
 
 
 def _parse(name: str, spec: dict[str, Any]) -> Suite:
+    for keys, known, where in ((spec, SUITE_KEYS, ""), (spec.get("slurm") or {}, SLURM_KEYS, "slurm.")):
+        if unknown := sorted(set(keys) - known):
+            raise SuiteError(
+                f"suite {name!r}: unknown key {where}{unknown[0]} in suite.yaml; known keys: "
+                f"{', '.join(where + k for k in sorted(known))}"
+            )
     metrics = spec["metric"] if isinstance(spec["metric"], list) else [spec["metric"]]
     runs = []
     for run_name, entry in spec["runs"].items():
@@ -106,4 +133,5 @@ def _parse(name: str, spec: dict[str, Any]) -> Suite:
         runs=tuple(runs),
         aliases=tuple(spec.get("aliases") or ()),
         note=spec.get("note", ""),
+        slurm=dict(spec.get("slurm") or {}),
     )

@@ -5,12 +5,7 @@
     ran test -c experiments/configs/cifar10/attention92.yaml --ckpt_path best    # test its best checkpoint
     ran fit -c experiments/configs/cifar10/attention92.yaml --print_config       # the merged config
 
-Config inheritance: a YAML config may name the configs it extends in a top-level `__base__` key (one path or
-a list, relative to the file that names them). The bases are resolved recursively and merged in order, then
-the file itself is merged on top: mappings merge key by key; any other value (scalars, lists) replaces the
-base's; a mapping whose `class_path` differs from the base's replaces it whole (its `init_args` belong to
-another class). The merged YAML is what LightningCLI parses, so `--print_config` shows it, unknown keys are
-errors, and later `-c` files and command-line flags override it as usual.
+Config inheritance (`__base__`) and the resolved config: see `ran.config`.
 
 Runs: each run lives in `<run.root>/<run.name>` (default `runs/<name>`): `config.yaml` (the resolved config),
 `checkpoints/best.ckpt` (by val/acc1) and `checkpoints/last.ckpt`, `results.json` (final metrics, see
@@ -55,6 +50,7 @@ from ran.callbacks import (
     TrainingDiverged,
     ValidateAtMaxSteps,
 )
+from ran.config import ConfigError, resolve_config_args
 from ran.mask_monitor import SoftMaskMonitor
 from ran.module import ImageClassifier
 from ran.registry import list_models
@@ -63,89 +59,12 @@ from ran.rundir import RunDir, UnreadableCheckpoint, checkpoint_problem
 from ran.summary import summary_main
 from ran.tracking import new_wandb_id, wandb_mode
 
-BASE_KEY = "__base__"
-
 __all__ = [
-    "BASE_KEY",
-    "ConfigError",
     "RanCLI",
     "RunConfig",
     "is_launch_rank_zero",
-    "load_config",
     "main",
 ]
-
-
-class ConfigError(Exception):
-    """A problem with the user's configuration or run directory, reported without a traceback."""
-
-
-# --- config inheritance ------------------------------------------------------------------------------------
-
-
-def merge_configs(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """`override` merged onto `base` (see the module docstring for the rules); neither is modified."""
-    if "class_path" in base and "class_path" in override and base["class_path"] != override["class_path"]:
-        return dict(override)
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge_configs(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Load a YAML config and resolve its `__base__` chain into one mapping."""
-    path = Path(path).resolve()
-    if path in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path))
-        raise ConfigError(f"config inheritance cycle: {cycle}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
-    bases = data.pop(BASE_KEY, [])
-    merged: dict[str, Any] = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        base_path = path.parent / base
-        if not base_path.is_file():
-            raise ConfigError(f"{path}: {BASE_KEY} {base!r} not found (looked for {base_path.resolve()})")
-        merged = merge_configs(merged, load_config(base_path, (*_chain, path)))
-    return merge_configs(merged, data)
-
-
-def resolve_config_args(argv: list[str]) -> list[str]:
-    """Replace every `-c/--config FILE` whose file uses `__base__` by the merged YAML (LightningCLI's
-    `--config` accepts a YAML string as well as a path)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-c", "--config") and i + 1 < len(argv):
-            flag, value, i = arg, argv[i + 1], i + 2
-        elif arg.startswith("--config="):
-            flag, value, i = "--config", arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        if Path(value).is_file() and _has_base(Path(value)):
-            value = yaml.safe_dump(load_config(value), sort_keys=False)
-        out += [flag, value]
-    return out
-
-
-def _has_base(path: Path) -> bool:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return False  # LightningCLI reports the syntax error itself
-    return isinstance(data, dict) and BASE_KEY in data
 
 
 # --- runs --------------------------------------------------------------------------------------------------
@@ -337,7 +256,7 @@ class RanCLI(LightningCLI):
                 shutil.rmtree(self.run_dir.path)
             elif not self.run_dir.holds_run() and self.run_dir.path.exists() and ckpt is None:
                 # Left by a start that failed or was killed before its first checkpoint: nothing to keep.
-                shutil.rmtree(self.run_dir.path)
+                self.run_dir.clear_started_files()
         if foreign and self.run_dir.holds_run():
             raise ConfigError(
                 f"--ckpt_path {ckpt} belongs to another run, and run directory {self.run_dir.path} holds a "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,14 @@ class RunDir:
         """Whether a started run lives here: one with a checkpoint. A directory left by a start that failed or
         was killed before its first checkpoint holds nothing worth keeping and is reused."""
         return bool(self.all_checkpoints())
+
+    def clear_started_files(self) -> None:
+        """Remove what a start that never reached a checkpoint wrote (configs, results, W&B id, logger and
+        picture folders), leaving any other file of the user's in place."""
+        for path in [*self.path.glob("config*.yaml"), self.results_file, self.wandb_id_file]:
+            path.unlink(missing_ok=True)
+        for name in ("csv", "wandb", "masks", "checkpoints"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     def owns(self, path: str | Path) -> bool:
         """Whether `path` lies inside this run directory."""

@@ -16,7 +16,8 @@ import torch
 import yaml
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
 
-from ran.cli import BASE_KEY, ConfigError, is_launch_rank_zero, load_config, main
+from ran.cli import is_launch_rank_zero, main
+from ran.config import BASE_KEY, ConfigError, load_config
 from ran.module import ImageClassifier
 from ran.tracking import wandb_mode
 

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +14,19 @@ import datagen
 import pytest
 import yaml
 
+import experiments.suites
 from experiments.__main__ import main as experiments_main
-from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm, sbatch_script
+from experiments.launch import (
+    SlurmOptions,
+    command_list,
+    make_jobs,
+    ran_executable,
+    run_local,
+    run_slurm,
+    sbatch_script,
+)
 from experiments.report import collect, markdown_table, report
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
-from ran.cli import load_config
 from ran.cli import main as ran_main
 from ran.rundir import RunDir
 
@@ -53,21 +62,37 @@ def test_the_paper_tables_are_suites():
 
 @pytest.mark.parametrize("suite,run", ALL_RUNS)
 def test_run_config_states_its_factors(suite, run):
-    """Each run config resolves its base, sets what its factors say, and tags the W&B run with them."""
-    spec = load_suite(suite).run(run)
-    cfg = load_config(spec.config)
+    """Each run, as the launcher starts it, sets what its factors say, and the launcher tags its W&B run with
+    the suite and the factors of suite.yaml (the run configs do not repeat them)."""
+    spec = load_suite(suite)
+    job = make_jobs(spec, "paper", [0], Path("runs"), [run])[0]
+    assert "run" not in yaml.safe_load(job.run.config.read_text())
+    cfg = job.resolved_config().config
+    factors = job.run.factors
     assert cfg["run"]["group"] == suite
-    assert cfg["run"]["tags"] == [suite] + [f"{k}={v}" for k, v in spec.factors.items()]
+    assert cfg["run"]["tags"] == [suite] + [f"{k}={v}" for k, v in factors.items()]
     model = cfg["model"]
     for key in ("learning", "attention", "mask"):
-        if key in spec.factors:
-            assert model[key] == spec.factors[key]
-    if "depth" in spec.factors:
-        assert model["arch"].startswith(f"attention{spec.factors['depth']}")
-    if "noise" in spec.factors:
-        assert cfg["data"]["init_args"]["clean_label_ratio"] == pytest.approx(1 - spec.factors["noise"] / 100)
-    if "dataset" in spec.factors:
-        assert cfg["data"]["class_path"].endswith(spec.factors["dataset"].upper() + "DataModule")
+        if key in factors:
+            assert model[key] == factors[key]
+    if "depth" in factors:
+        assert model["arch"].startswith(f"attention{factors['depth']}")
+    if "noise" in factors:
+        assert cfg["data"]["init_args"]["clean_label_ratio"] == pytest.approx(1 - factors["noise"] / 100)
+    if "dataset" in factors:
+        assert cfg["data"]["class_path"].endswith(factors["dataset"].upper() + "DataModule")
+
+
+def test_a_suite_key_that_nothing_reads_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "odd").mkdir()
+    spec = yaml.safe_load((experiments.suites.SUITES_DIR / "mask_structure" / "suite.yaml").read_text())
+    (tmp_path / "odd" / "suite.yaml").write_text(yaml.safe_dump({**spec, "dataset": "cifar10"}))
+    monkeypatch.setattr(experiments.suites, "SUITES_DIR", tmp_path)
+    with pytest.raises(SuiteError, match="unknown key dataset in suite.yaml"):
+        load_suite("odd")
+    (tmp_path / "odd" / "suite.yaml").write_text(yaml.safe_dump({**spec, "slurm": {"hours": 3}}))
+    with pytest.raises(SuiteError, match="unknown key slurm.hours"):
+        load_suite("odd")
 
 
 @pytest.fixture(scope="module")
@@ -155,37 +180,92 @@ def test_cli_list_launcher_prints_commands(capsys):
 
 def test_slurm_scripts_take_resources_from_the_config(tmp_path):
     jobs = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"])
-    script = sbatch_script(jobs[0], SlurmOptions(partition="gpu", time="72:00:00"))
+    script = sbatch_script(jobs[0], SlurmOptions(partition="gpu"))
     for line in (
         "#SBATCH --nodes=1",
         "#SBATCH --ntasks-per-node=8",
         "#SBATCH --gres=gpu:8",
+        "#SBATCH --cpus-per-task=16",  # the ImageNet default
+        "#SBATCH --time=72:00:00",
         "#SBATCH --signal=SIGUSR1@90",
         "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
         "#SBATCH --partition=gpu",
-        "#SBATCH --time=72:00:00",
+        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
     ):
-        assert line in script
-    assert "srun ran fit -c experiments/suites/imagenet/attention92.yaml" in script
+        assert line in script.splitlines()
+    assert (
+        f"srun --kill-on-bad-exit=1 {ran_executable()} fit -c experiments/suites/imagenet/attention92.yaml"
+        in script
+    )
+    assert ran_executable().startswith("/")  # the venv's own console script
     assert "--ckpt_path best" in script
     written = run_slurm(jobs, SlurmOptions(), submit=False, log=lambda _: None)
     assert written == [tmp_path / "imagenet" / "paper" / "slurm" / "attention92-seed0.sbatch"]
     assert written[0].read_text().startswith("#!/bin/bash")
     cifar = sbatch_script(make_jobs(load_suite("table3"), "cpu-mini", [0], tmp_path)[0], SlurmOptions())
-    assert "#SBATCH --ntasks-per-node=1" in cifar
-    # Overrides after `--` reach the resources as they reach the runs.
-    wider = make_jobs(
-        load_suite("imagenet"),
-        "paper",
-        [0],
-        tmp_path,
-        ["attention92"],
-        ["--trainer.devices", "4", "--trainer.num_nodes=2"],
-    )
-    script = sbatch_script(wider[0], SlurmOptions())
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4"):
-        assert line in script
-    assert "--trainer.devices 4 --trainer.num_nodes=2" in script
+    for line in ("#SBATCH --ntasks-per-node=1", "#SBATCH --time=24:00:00", "#SBATCH --cpus-per-task=8"):
+        assert line in cifar.splitlines()
+    # The suite's own default (table6's suite.yaml), then the command line's.
+    table6 = make_jobs(load_suite("table6"), "paper", [0], tmp_path)[0]
+    assert "#SBATCH --time=48:00:00" in sbatch_script(table6, SlurmOptions()).splitlines()
+    assert "#SBATCH --time=6:00:00" in sbatch_script(table6, SlurmOptions(time="6:00:00")).splitlines()
+    # Overrides after `--` reach the resources as they reach the runs, read by the parser that runs the job.
+    for overrides, nodes, tasks in (
+        (["--trainer.devices", "4", "--trainer.num_nodes=2"], 2, 4),
+        (["--trainer.devices", "[0,1]"], 1, 2),
+        (["--trainer.devices=3"], 1, 3),
+    ):
+        wider = make_jobs(load_suite("imagenet"), "paper", [0], tmp_path, ["attention92"], overrides)
+        script = sbatch_script(wider[0], SlurmOptions())
+        for line in (
+            f"#SBATCH --nodes={nodes}",
+            f"#SBATCH --ntasks-per-node={tasks}",
+            f"#SBATCH --gres=gpu:{tasks}",
+        ):
+            assert line in script.splitlines()
+        assert shlex.join(overrides) in script
+
+
+def test_slurm_job_arrays_run_one_script_per_run_over_its_seeds(tmp_path):
+    jobs = make_jobs(load_suite("table4"), "paper", [0, 1, 2], tmp_path)
+    written = run_slurm(jobs, SlurmOptions(array=True), submit=False, log=lambda _: None)
+    slurm = tmp_path / "mask_structure" / "paper" / "slurm"
+    assert written == [slurm / "attention56_hourglass.sbatch", slurm / "attention56_local.sbatch"]
+    script = written[0].read_text()
+    assert "#SBATCH --array=0,1,2" in script.splitlines()
+    run = tmp_path / "mask_structure" / "paper" / "attention56_hourglass"
+    assert f"#SBATCH --output={run}/seed%a.slurm-%A_%a.out" in script.splitlines()
+    # The shell expands the seed: run each array task's script lines with echo in place of srun.
+    for seed in (0, 2):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(seed), "SLURM_CPUS_PER_TASK": "8"}
+        fit = subprocess.run(
+            ["bash", "-c", 'srun() { echo "$@"; }; cd() { :; }; ' + script],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        ).stdout.splitlines()[0]
+        args = shlex.split(fit)
+        assert args[args.index("--seed_everything") + 1] == str(seed)
+        assert args[args.index("--run.name") + 1] == f"mask_structure/paper/attention56_hourglass/seed{seed}"
+
+
+def test_every_suites_slurm_scripts_are_valid_bash(tmp_path):
+    """The generated scripts of every suite (dry run) and the static ones pass `bash -n`."""
+    scripts = list((REPO / "experiments" / "slurm").glob("*.sbatch"))
+    for name in suite_names():
+        one_seed = make_jobs(load_suite(name), "paper", [0], tmp_path)
+        scripts += run_slurm(one_seed, SlurmOptions(), submit=False, log=lambda _: None)
+        two_seeds = make_jobs(load_suite(name), "paper", [0, 1], tmp_path)
+        scripts += run_slurm(two_seeds, SlurmOptions(array=True), submit=False, log=lambda _: None)
+    assert len(scripts) == 2 + 2 * len(ALL_RUNS)
+    for path in scripts:
+        text = path.read_text()
+        subprocess.run(["bash", "-n", str(path)], check=True)
+        for line in ("#SBATCH --open-mode=append", "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK"):
+            assert line in text.splitlines(), (path, line)
+        assert "srun --kill-on-bad-exit=1 " in text and "--requeue" in text, path
 
 
 def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
@@ -233,13 +313,19 @@ def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):
     assert run_local(jobs, log=lambda _: None) == {j.name: 0 for j in jobs}
     lines = calls.read_text().splitlines()
     assert len(lines) == 2 and lines[0].startswith("fit") and lines[0].endswith("--ckpt_path last")
-    # a directory without a checkpoint is not touched
+    # a directory left by a start that never reached a checkpoint is started again, the user's files kept
     stale = jobs[2].run_dir
     for p in sorted(stale.rglob("*"), reverse=True):
         p.unlink() if p.is_file() else p.rmdir()
     (stale / "notes.txt").write_text("keep me")
     statuses = run_local(jobs, log=lambda _: None)
-    assert statuses[jobs[2].name] == 2 and (stale / "notes.txt").read_text() == "keep me"
+    assert statuses[jobs[2].name] == 0 and (stale / "notes.txt").read_text() == "keep me"
+    assert jobs[2].state() == "done"
+    # a diverged run is not resumed (it would diverge again): the launcher says what to change
+    RunDir(jobs[3].run_dir).update_results("fit", {"status": "diverged"})
+    messages: list[str] = []
+    assert run_local(jobs, log=messages.append)[jobs[3].name] == 1
+    assert any("diverged" in m and "--run.overwrite true" in m for m in messages)
 
 
 def _finish(
