@@ -70,7 +70,8 @@ def load_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, An
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path) as stream:  # a stream, so that the error names the file, not "<unicode string>"
+            data = yaml.safe_load(stream) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot parse {path}: {err}") from None
     if not isinstance(data, dict):
@@ -106,10 +107,13 @@ def resolve_config_args(argv: Sequence[str]) -> list[str]:
 
 
 def _has_base(path: Path) -> bool:
+    """Whether the config file names bases; a ConfigError naming the file and line for a YAML syntax error
+    (LightningCLI would show the file as "<unicode string>")."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        return False  # LightningCLI reports the syntax error itself
+        with open(path) as stream:
+            data = yaml.safe_load(stream)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {err}".replace("\n", " ")) from None
     return isinstance(data, dict) and BASE_KEY in data
 
 

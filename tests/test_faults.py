@@ -214,3 +214,12 @@ def test_the_report_names_unreadable_results_and_goes_on(tmp_path):
     RunDir(run).update_results("test", {"metrics": {"test/err1": 12.5}})
     assert seed_state(run, "test/err1") == ("done", 12.5)
     assert seed_state(tmp_path / "seed1", "test/err1") == ("missing", None)
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  arch: [attention56_cifar\n")
+    assert main(["fit", "-c", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot parse {bad}" in err and "line 2" in err and "<unicode string>" not in err
+    assert len(err.strip().splitlines()) == 1
