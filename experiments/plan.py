@@ -13,6 +13,7 @@ from typing import Any
 from experiments.launch import job_config, make_jobs, resources
 from experiments.suites import Suite, load_suite, suite_names
 from ran.markdown import markdown_lines
+from ran.measure import count_macs, pick_device, train_step_times
 
 DATA_CLASSES = {"CIFAR10DataModule": 10, "CIFAR100DataModule": 100}
 
@@ -69,9 +70,8 @@ def run_costs(
     suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None, extra: list[str] | None = None
 ) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe from the merged config and its forward
-    multiply-adds counted by torch's FlopCounterMode (`ran.summary.count_macs`)."""
+    multiply-adds counted by torch's FlopCounterMode (`ran.measure.count_macs`)."""
     from ran.registry import create_model
-    from ran.summary import count_macs
 
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
@@ -116,10 +116,8 @@ def run_costs(
 
 def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = None) -> None:
     """Fill each run's `step_s`: the median training-step time of its network, recipe and per-device batch on
-    this machine's device, through the real module and Trainer (`ran.bench.train_step_times`, synthetic
+    this machine's device, through the real module and Trainer (`ran.measure.train_step_times`, synthetic
     batches, no data loading). Runs that share a network and recipe are measured once."""
-    from ran.bench import pick_device, train_step_times
-
     device = pick_device("auto")
     cache = {} if cache is None else cache
     for cost in costs:
@@ -150,8 +148,6 @@ def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = Non
 
 def device_label() -> str:
     import torch
-
-    from ran.bench import pick_device
 
     device = pick_device("auto")
     if device.type == "cuda":
