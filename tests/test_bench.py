@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from datamodules import CIFAR10DataModule, normalize_batch
+from datamodules import CIFAR10DataModule, ImageNetDataModule, normalize_batch
 from ran.bench import main
 from ran.measure import data_throughput
 from ran.registry import create_model
@@ -206,3 +206,9 @@ def test_bench_profile_lists_the_top_operators(capsys):
     assert conv["calls_per_step"] == convs
     out = capsys.readouterr().out
     assert "top 8 operators by self CPU time, per training step:" in out
+
+
+def test_data_throughput_times_the_imagenet_training_batches(imagenet_dir):
+    dm = ImageNetDataModule(data_dir=str(imagenet_dir), batch_size=8, num_workers=0, image_size=32)
+    result = data_throughput(dm, torch.device("cpu"), images=10_000)
+    assert result["data_images"] == 24 - 8 and result["data_img_s"] > 0
