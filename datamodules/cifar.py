@@ -9,6 +9,7 @@ device in :meth:`CIFARDataModuleBase.on_after_batch_transfer`.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -538,6 +539,20 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         """Restore the augmentation RNG state (applied when the generator is next created)."""
         self._aug_generator = None
         self._aug_generator_state = state_dict.get("aug_generator_state")
+
+    def train_batches(self, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of training batches as a training step receives them: the training dataloader's uint8
+        batches moved to ``device``, then augmented (when ``augment``) and normalised there in one batched op,
+        with the training augmentation stream (for measuring the pipeline; needs ``setup("fit")``)."""
+        device = torch.device(device)
+        for images, labels in self.train_dataloader():
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if self.augment:
+                generator = self._augmentation_generator(device)
+                images = augment_cifar_batch(images, generator, mean=self.mean, std=self.std)
+            else:
+                images = normalize_batch(images, self.mean, self.std)
+            yield images, labels
 
 
 class CIFAR10DataModule(CIFARDataModuleBase):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +352,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """Same as :meth:`test_dataloader`."""
         return self.test_dataloader()
+
+    def train_batches(self, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of training batches as a training step receives them: the training dataloader's decoded,
+        augmented batches moved to ``device`` (for measuring the pipeline; needs ``setup("fit")``)."""
+        device = torch.device(device)
+        for images, labels in self.train_dataloader():
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -6,11 +6,11 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ran.layers import ATTENTIONS, LEARNINGS, MASKS
 from ran.markdown import markdown_lines
-from ran.registry import create_model, list_models
+from ran.measure import build_network, count_macs, count_params
+from ran.registry import list_models
 
 # Published sizes (parameters in millions, multiply-adds at 224x224 in billions); see shared/paper.md.
 PAPER_SIZES: dict[str, tuple[float | None, float | None]] = {
@@ -43,24 +43,9 @@ class ModelSummary:
         return PAPER_SIZES.get(self.name, (None, None))[1]
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: torch.nn.Module, input_size: int, in_chans: int = 3) -> int:
-    """Forward multiply-adds for one image, from torch's FlopCounterMode (one multiply-add = 2 FLOPs)."""
-    x = torch.zeros(1, in_chans, input_size, input_size)
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
-
-
 def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummary:
     """Build `name` (with `kwargs`) and measure it at `input_size` (default: the variant's own)."""
-    model = create_model(name, **kwargs)
+    model = build_network(name, **kwargs)
     size = input_size or model.default_input_size
     shapes = model.stage_shapes(torch.zeros(1, 3, size, size)) if hasattr(model, "stage_shapes") else {}
     return ModelSummary(
@@ -135,18 +120,16 @@ def summary_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("name a model, or pass --all")
-    kwargs = {
-        k: v
-        for k, v in (
-            ("num_classes", args.num_classes),
-            ("attention", args.attention),
-            ("learning", args.learning),
-            ("mask", args.mask),
-        )
-        if v is not None
-    }
     try:
-        print(format_summary(summarize(args.model, args.input_size, **kwargs)))
+        summary = summarize(
+            args.model,
+            args.input_size,
+            num_classes=args.num_classes,
+            attention=args.attention,
+            learning=args.learning,
+            mask=args.mask,
+        )
+        print(format_summary(summary))
     except ValueError as err:
         parser.exit(2, f"ran summary: error: {err}\n")
     return 0

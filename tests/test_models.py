@@ -21,7 +21,8 @@ from ran.layers import (
     SpatialAttention,
     hourglass_unit_count,
 )
-from ran.summary import count_macs, count_params, summary_main
+from ran.measure import count_macs, count_params
+from ran.summary import summary_main
 
 EXPECTED = Path(__file__).parent / "expected" / "seeded_outputs.json"
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
