@@ -30,8 +30,8 @@ from experiments.analysis import (
     save_mask_pictures,
     stage_responses,
 )
-from ran.cli import WANDB_ID_FILE
 from ran.pictures import mask_grid, mask_range, response_chart
+from ran.rundir import WANDB_ID_FILE
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
