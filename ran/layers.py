@@ -236,16 +236,17 @@ class CBAMChannelGate(nn.Module):
 
 
 class CBAMSpatialGate(nn.Module):
-    """CBAM spatial attention: channel-wise average and max maps through a 7x7 conv (with BN, as in CBAM's
-    reference code) and a sigmoid."""
+    """CBAM spatial attention: the channel-wise max and mean maps, stacked in that order, through a 7x7 conv,
+    BatchNorm (momentum 0.01) and a sigmoid, as in CBAM's official code (Jongchan/attention-module,
+    MODELS/cbam.py: ChannelPool, BasicConv), so its weights load unchanged."""
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import ran
 from ran.layers import (
@@ -287,6 +288,55 @@ def test_cbam_mask_times_trunk_is_cbam():
         f1 = cbam.channel_gate(t) * t
         expected = cbam.spatial_gate(f1) * f1
         torch.testing.assert_close(cbam(t, t) * t, expected)
+
+
+class OfficialCBAM(nn.Module):
+    """CBAM laid out as its official code (Jongchan/attention-module, MODELS/cbam.py), condensed:
+    ChannelGate's shared MLP of Linear layers over the avg- and max-pooled descriptors; SpatialGate's
+    ChannelPool cat(max, mean), 7x7 BasicConv with BN(eps=1e-5, momentum=0.01), no ReLU; sigmoid."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.ChannelGate = nn.Module()
+        self.ChannelGate.mlp = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels)
+        )
+        self.SpatialGate = nn.Module()
+        self.SpatialGate.spatial = nn.Module()
+        self.SpatialGate.spatial.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.SpatialGate.spatial.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size, mlp = x.shape[2:], self.ChannelGate.mlp
+        x = x * torch.sigmoid(mlp(F.avg_pool2d(x, size)) + mlp(F.max_pool2d(x, size)))[:, :, None, None]
+        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+        spatial = self.SpatialGate.spatial
+        return x * torch.sigmoid(spatial.bn(spatial.conv(pooled)))
+
+
+def test_official_cbam_weights_load_and_give_its_output():
+    torch.manual_seed(0)
+    official = OfficialCBAM(64)
+    for p in official.parameters():  # BN weight and bias too, so a swapped channel or parameter shows
+        nn.init.uniform_(p, -0.5, 0.5)
+    ours = ran.create_model("attention56_cifar", mask="cbam").stages.stage1[1].mask
+    names = {"ChannelGate.mlp.1": "channel_gate.mlp.0", "ChannelGate.mlp.3": "channel_gate.mlp.2"}
+    names |= {"SpatialGate.spatial.conv": "spatial_gate.conv", "SpatialGate.spatial.bn": "spatial_gate.bn"}
+    state = {}
+    for key, value in official.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        target = f"{names[module]}.{leaf}"
+        state[target] = value.reshape(ours.state_dict()[target].shape)  # Linear (out, in) -> 1x1 conv
+    ours.load_state_dict(state)
+    t = torch.randn(4, 64, 8, 8) * 2
+    for mode in (True, False):  # batch statistics (and the running-average update), then running ones
+        official.train(mode), ours.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(t, t) * t, official(t))
+        torch.testing.assert_close(
+            ours.spatial_gate.bn.running_mean, official.SpatialGate.spatial.bn.running_mean
+        )
 
 
 def test_no_mask_is_the_plain_trunk_of_equal_depth():
