@@ -441,9 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
 
-    net = create_model(
-        args.model, **args.model_kwargs, **({"num_classes": args.num_classes} if args.num_classes else {})
-    )
+    net = create_model(args.model, **{"num_classes": args.num_classes, **args.model_kwargs})
     size = args.input_size or net.default_input_size
     macs = count_macs(net, size)
     result.update(

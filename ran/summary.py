@@ -165,16 +165,9 @@ def summary_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("name a model, or pass --all")
-    kwargs = {
-        k: v
-        for k, v in (
-            ("num_classes", args.num_classes),
-            ("attention", args.attention),
-            ("learning", args.learning),
-            ("mask", args.mask),
-        )
-        if v is not None
-    }
+    kwargs = dict(
+        num_classes=args.num_classes, attention=args.attention, learning=args.learning, mask=args.mask
+    )
     try:
         print(format_summary(summarize(args.model, args.input_size, **kwargs)))
     except ValueError as err:

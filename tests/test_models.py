@@ -519,6 +519,15 @@ def test_bad_arguments_name_the_valid_choices(kwargs, words):
         assert word in str(err.value)
 
 
+def test_unset_switches_are_dropped_by_create_model():
+    torch.manual_seed(0)
+    unset = ran.create_model("attention56_cifar", attention=None, learning=None, mask=None, num_classes=None)
+    torch.manual_seed(0)
+    default = ran.create_model("attention56_cifar")
+    assert unset.num_classes == 10 and str(unset) == str(default)
+    assert all(torch.equal(a, b) for a, b in zip(unset.state_dict().values(), default.state_dict().values()))
+
+
 def test_unknown_unit_names_the_valid_choices():
     with pytest.raises(ValueError, match="unknown unit 'resnext'; valid choices: 'preact', 'postact'"):
         ran.create_model("attention56", unit="resnext")
