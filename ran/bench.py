@@ -30,7 +30,6 @@ from datamodules import CIFAR10DataModule, ImageNetDataModule
 from ran.allocator import keep_freed_memory
 from ran.measure import (
     PRECISIONS,
-    build_network,
     count_macs,
     data_throughput,
     epoch_time,
@@ -42,7 +41,7 @@ from ran.measure import (
     timing_classifier,
     train_step_times,
 )
-from ran.registry import list_models
+from ran.registry import create_model, list_models
 
 
 def step_settings(
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result))
         return result
 
-    net = build_network(args.model, **args.model_kwargs, num_classes=args.num_classes)
+    net = create_model(args.model, **{"num_classes": args.num_classes, **args.model_kwargs})
     size = args.input_size or net.default_input_size
     macs = count_macs(net, size)
     result.update(

@@ -23,17 +23,8 @@ from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.flop_counter import FlopCounterMode
 
 from ran.module import ImageClassifier
-from ran.registry import create_model
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed")
-
-
-def build_network(name: str, **kwargs: Any) -> torch.nn.Module:
-    """`create_model(name, **kwargs)` with the arguments left unset (None) at the variant's defaults.
-
-    The one place that drops None arguments until `create_model` drops them itself (issue 11).
-    """
-    return create_model(name, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -9,19 +9,25 @@ import torch
 
 from ran.layers import ATTENTIONS, LEARNINGS, MASKS
 from ran.markdown import markdown_lines
-from ran.measure import build_network, count_macs, count_params
-from ran.registry import list_models
+from ran.measure import count_macs, count_params
+from ran.registry import create_model, list_models
 
-# Published sizes (parameters in millions, multiply-adds at 224x224 in billions); see shared/paper.md.
+# Sizes given by the paper (parameters in millions, multiply-adds at 224x224 in billions).
 PAPER_SIZES: dict[str, tuple[float | None, float | None]] = {
     "attention56": (31.9, 6.2),
     "attention92": (51.3, 10.4),
-    "attention_next56": (31.32, 6.42),  # the authors' released model file
     "attention92_cifar": (1.9, None),
     "attention236_cifar": (5.1, None),
     "attention452_cifar": (8.6, None),
     "preact_resnet164_cifar": (1.7, None),
     "preact_resnet1001_cifar": (10.3, None),
+}
+# Sizes of the authors' released Caffe model files (fwang91/residual-attention-network, *-deploy.prototxt):
+# exact parameters with 1000 classes, multiply-adds at 224x224 in billions.
+RELEASED_SIZES: dict[str, tuple[int, float]] = {
+    "attention56": (31_810_728, 6.27),
+    "attention92": (52_466_344, 10.53),
+    "attention_next56": (31_318_824, 6.42),
 }
 
 
@@ -42,10 +48,18 @@ class ModelSummary:
     def paper_macs(self) -> float | None:
         return PAPER_SIZES.get(self.name, (None, None))[1]
 
+    @property
+    def released_params(self) -> int | None:
+        return RELEASED_SIZES.get(self.name, (None, None))[0]
+
+    @property
+    def released_macs(self) -> float | None:
+        return RELEASED_SIZES.get(self.name, (None, None))[1]
+
 
 def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummary:
     """Build `name` (with `kwargs`) and measure it at `input_size` (default: the variant's own)."""
-    model = build_network(name, **kwargs)
+    model = create_model(name, **kwargs)
     size = input_size or model.default_input_size
     shapes = model.stage_shapes(torch.zeros(1, 3, size, size)) if hasattr(model, "stage_shapes") else {}
     return ModelSummary(
@@ -58,13 +72,25 @@ def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummar
     )
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    return "-" if value is None else f"{value:.2f}{unit}"
+def _fmt(value: float | None, unit: str, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.2f}{unit}"
 
 
 def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
-    """The table of every model's parameters and multiply-adds beside the paper's figures."""
-    rows = [("model", "input", "params", "paper params", "mult-adds", "paper mult-adds")]
+    """The table of every model's parameters and multiply-adds beside the paper's figures and the released
+    model files' (the authors' Caffe definitions)."""
+    rows = [
+        (
+            "model",
+            "input",
+            "params",
+            "params (paper)",
+            "params (released model file)",
+            "mult-adds",
+            "mult-adds (paper)",
+            "mult-adds (released model file)",
+        )
+    ]
     summaries = sorted(
         (summarize(name) for name in names or list_models()), key=lambda s: (s.input_size, s.params)
     )
@@ -75,8 +101,10 @@ def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
                 f"{s.input_size}x{s.input_size}",
                 _fmt(s.params / 1e6, "M"),
                 _fmt(s.paper_params, "M"),
+                _fmt(s.released_params, "M", 1e6),
                 _fmt(s.macs / 1e9, "G"),
                 _fmt(s.paper_macs, "G"),
+                _fmt(s.released_macs, "G"),
             )
         )
     if markdown:
@@ -89,9 +117,11 @@ def format_summary(s: ModelSummary) -> str:
     lines = [
         f"{s.name}: {s.num_classes} classes, input 3x{s.input_size}x{s.input_size}",
         f"  parameters     {s.params:,} ({s.params / 1e6:.2f}M)"
-        + (f"; paper {s.paper_params}M" if s.paper_params else ""),
+        + (f"; paper {s.paper_params}M" if s.paper_params else "")
+        + (f"; released model file {s.released_params:,}" if s.released_params else ""),
         f"  multiply-adds  {s.macs:,} ({s.macs / 1e9:.3f}G)"
-        + (f"; paper {s.paper_macs}G" if s.paper_macs else ""),
+        + (f"; paper {s.paper_macs}G" if s.paper_macs else "")
+        + (f"; released model file {s.released_macs}G" if s.released_macs else ""),
         "  output shapes (C, H, W):",
     ]
     lines += [f"    {k:8s} {tuple(v)}" for k, v in s.stage_shapes.items()]
