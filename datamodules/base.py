@@ -62,13 +62,11 @@ class ImageDataModule(pl.LightningDataModule):
     @classmethod
     def resolve_data_dir(cls, data_dir: str | os.PathLike) -> Path:
         """The folder that holds ``DATASET_FOLDER``: ``data_dir`` itself, or its parent when ``data_dir`` is
-        the dataset folder (named ``DATASET_FOLDER`` and without a ``DATASET_FOLDER`` inside).
-
-        Raises :class:`DataDirNotAFolderError` when ``data_dir`` is a file.
+        the dataset folder (named ``DATASET_FOLDER`` and without a ``DATASET_FOLDER`` inside). Raises
+        nothing: datamodules resolve at construction, which LightningCLI runs while parsing (and would wrap
+        an error in its own), and report a bad folder when they read it (:meth:`check_data_dir`).
         """
         path = Path(data_dir).expanduser().absolute()
-        if path.exists() and not path.is_dir():
-            raise DataDirNotAFolderError(f"data_dir {path} is a file, not a folder. Fix: {cls.fix_hint()}")
         folder = cls.DATASET_FOLDER
         if folder is not None and path.name == folder and not (path / folder).is_dir():
             return path.parent
@@ -97,10 +95,18 @@ class ImageDataModule(pl.LightningDataModule):
         return f"{cls.DATASET_NAME} not found: expected {cls.layout(root)}. Fix: {cls.fix_hint()}"
 
     @classmethod
+    def check_data_dir(cls, data_dir: str | os.PathLike) -> None:
+        """Raise :class:`DataDirNotAFolderError` when ``data_dir`` is a file."""
+        path = Path(data_dir).expanduser().absolute()
+        if path.exists() and not path.is_dir():
+            raise DataDirNotAFolderError(f"data_dir {path} is a file, not a folder. Fix: {cls.fix_hint()}")
+
+    @classmethod
     def find_dataset(cls, data_dir: str | os.PathLike) -> Path:
         """The dataset's folder for ``data_dir``; :class:`DatasetNotFoundError` with
         :meth:`missing_message` when it is not there. For commands that read a dataset without a datamodule's
         download."""
+        cls.check_data_dir(data_dir)
         path = cls.dataset_path(data_dir)
         if not path.is_dir():
             raise DatasetNotFoundError(cls.missing_message(data_dir))

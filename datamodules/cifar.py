@@ -286,7 +286,8 @@ class CIFARDataModuleBase(ImageDataModule):
         return [name for name, _ in self._all_files() if not (self.dataset_dir / name).is_file()]
 
     def _check_present(self) -> None:
-        """Raise a clear error if the dataset folder or one of its files is absent."""
+        """Raise a clear error if data_dir is a file, or the dataset folder or one of its files is absent."""
+        self.check_data_dir(self.data_dir)
         if not self.dataset_dir.is_dir():
             raise DatasetNotFoundError(self.missing_message(self.data_dir))
         missing = self._missing_files()

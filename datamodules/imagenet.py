@@ -312,6 +312,7 @@ class ImageNetDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Scan the trees that ``stage`` needs and build the datasets."""
         train_root = self.data_dir / "train"
+        self.check_data_dir(self.data_dir)
         if not train_root.is_dir():
             raise DatasetNotFoundError(self.missing_message(self.data_dir))
         if self.classes is None:

@@ -42,7 +42,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from datamodules.errors import CorruptImageError, DatasetLayoutError
+from datamodules.errors import CorruptImageError, DatasetLayoutError, DataSettingError
 from ran.allocator import keep_freed_memory
 from ran.callbacks import PredictionWriter, RNGStateCallback, StepProgressBar, ValidateAtMaxSteps
 from ran.module import ImageClassifier
@@ -416,6 +416,7 @@ USER_ERRORS = (
     NotADirectoryError,
     CorruptImageError,
     DatasetLayoutError,
+    DataSettingError,
 )
 
 

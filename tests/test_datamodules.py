@@ -223,13 +223,14 @@ def test_dataset_facts_are_class_attributes():
 def test_data_dir_that_is_a_file_is_one_clear_error(tmp_path):
     afile = tmp_path / "data"
     afile.write_text("not a folder")
-    for make in (
-        lambda: CIFAR10DataModule(str(afile), download=True),
-        lambda: CIFAR10DataModule(str(afile)),
-        lambda: ImageNetDataModule(str(afile), num_classes=3),
+    for step in (
+        CIFAR10DataModule(str(afile), download=True).prepare_data,
+        CIFAR10DataModule(str(afile)).setup,
+        ImageNetDataModule(str(afile), num_classes=3).setup,
+        lambda: CIFAR100DataModule.find_dataset(afile),
     ):
         with pytest.raises(DataDirNotAFolderError) as info:
-            make()
+            step()
         message = str(info.value)
         assert isinstance(info.value, NotADirectoryError) and "\n" not in message
         assert f"data_dir {afile} is a file, not a folder" in message and "--data.data_dir" in message
