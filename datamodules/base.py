@@ -114,18 +114,17 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ the resumable training order
     def _train_loader(self, dataset: Dataset | None, stamp_epoch: bool = False, **loader_args: Any) -> Any:
-        """The training loader over ``dataset`` with a :class:`ResumableSampler` that starts where the
-        restored state (or the previous loader's pass) left off."""
+        """The training loader over ``dataset`` with a :class:`ResumableSampler` that starts at the restored
+        position, or else at the start of the trainer's current epoch."""
         if dataset is None:  # split_loader's message
             return split_loader(None, type(self).__name__, "train", shuffle=False, **loader_args)
-        if self._restored_order is not None:
-            position = self._restored_order
-        elif self._train_sampler is not None:  # a reloaded loader continues the previous one's order
-            position = self._order_state()
-        else:
-            position = {"epoch": 0, "batches_consumed": 0, "run_seed": int(os.getenv("PL_GLOBAL_SEED", 0))}
-        self._restored_order = None
         trainer = self.trainer
+        position = self._restored_order or {
+            "epoch": trainer.current_epoch if trainer is not None else 0,
+            "batches_consumed": 0,
+            "run_seed": int(os.getenv("PL_GLOBAL_SEED", 0)),
+        }
+        self._restored_order = None
         self._train_sampler = ResumableSampler(
             dataset,
             batch_size=loader_args["batch_size"],

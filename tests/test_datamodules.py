@@ -31,6 +31,7 @@ from datamodules import (
     DatasetSizeWarning,
     DataSettingError,
     ImageNetDataModule,
+    ResumableSampler,
     augment_cifar_batch,
     corrupt_labels,
     crop_flip_batch,
@@ -466,6 +467,41 @@ def test_loader_accepts_lightning_distributed_sampler(cifar10_root):
         assert images.shape == (25, 3, 32, 32)
         indices.append(set(sampler))
     assert not indices[0] & indices[1] and len(indices[0] | indices[1]) == 500
+
+
+def test_training_order_is_seeded_resumable_and_follows_the_trainers_epoch(cifar10_root, monkeypatch):
+    def first_labels(dm) -> list[int]:
+        return next(iter(dm.train_dataloader()))[1].tolist()
+
+    def data(seed=0, epoch=0):
+        dm = CIFAR10DataModule(str(cifar10_root), val_size=50, batch_size=25, seed=seed)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(
+            current_epoch=epoch, world_size=1, global_rank=0, training=True, num_training_batches=18
+        )
+        return dm
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    reference = first_labels(data())
+    assert first_labels(data()) == reference  # no global RNG involved
+    assert first_labels(data(seed=1)) != reference and first_labels(data(epoch=2)) != reference
+    monkeypatch.setenv("PL_GLOBAL_SEED", "8")  # seed_everything's seed changes the order too
+    assert first_labels(data()) != reference
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    dm = data(epoch=2)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.epoch == 2
+    batches = [labels for _, labels in loader]
+    dm.on_after_batch_transfer((torch.zeros(25, 3, 32, 32, dtype=torch.uint8), batches[0]), 0)
+    dm.on_after_batch_transfer((torch.zeros(25, 3, 32, 32, dtype=torch.uint8), batches[1]), 0)
+    state = dm.state_dict()
+    assert state["train_order"] == {"epoch": 2, "batches_consumed": 2, "run_seed": 7}
+    monkeypatch.setenv("PL_GLOBAL_SEED", "9")  # the restored run seed wins over a new one
+    resumed = data(epoch=2)
+    resumed.load_state_dict(state)
+    rest = [labels for _, labels in resumed.train_dataloader()]
+    assert len(rest) == len(batches) - 2 and all(torch.equal(a, b) for a, b in zip(rest, batches[2:]))
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
