@@ -28,7 +28,7 @@ from .errors import (
     DataSettingError,
 )
 from .loaders import split_loader
-from .sampling import derived_generator
+from .sampling import derived_generator, derived_seed
 from .transforms import augment_cifar_batch, normalize_batch
 
 __all__ = [
@@ -152,8 +152,8 @@ class CIFARDataModuleBase(ImageDataModule):
             seeded. ``0`` means no validation split: ``val_dataloader`` returns an empty list, which Lightning
             treats as "no validation" (so nothing may monitor a validation metric). The test set is never
             used for model selection.
-        seed: seeds the validation split, the label noise, the augmentation (per global rank) and, with
-            ``seed_everything``'s seed, the training order (see :class:`ImageDataModule`).
+        seed: seeds the validation split, the label noise, the augmentation (per rank, epoch and batch)
+            and, with ``seed_everything``'s seed, the training order (see :class:`ImageDataModule`).
         download: download and extract the official archive in ``prepare_data`` if the data is absent.
         check_md5: also compare each file's md5 with the official one. Off by default: integrity is checked
             by structure (shapes, dtype, label range), so re-packed copies with other md5s load.
@@ -256,7 +256,6 @@ class CIFARDataModuleBase(ImageDataModule):
         self.val_indices: torch.Tensor | None = None
         self.split_sizes: dict[str, int] = {}
         self._aug_generator: torch.Generator | None = None
-        self._aug_generator_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ files on disk
     @classmethod
@@ -514,44 +513,28 @@ class CIFARDataModuleBase(ImageDataModule):
 
     # ------------------------------------------------------------------ on-device augmentation
     def _augmentation_generator(self, device: torch.device) -> torch.Generator:
+        """The generator for the next training batch, seeded from ``(seed, rank, epoch, batch position)``.
+
+        A function of the position, not a stream with a state, so a resumed run draws what the uninterrupted
+        one drew on any number of devices (a saved stream would hold rank 0's state only).
+        """
         if self._aug_generator is None or self._aug_generator.device != device:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._aug_generator = derived_generator(self.seed, _STREAM_AUGMENT, rank, device=device)
-            if self._aug_generator_state is not None:
-                try:
-                    self._aug_generator.set_state(self._aug_generator_state)
-                except RuntimeError as exc:  # e.g. a CPU generator's state restored on a GPU run
-                    rank_zero_warn(
-                        f"Could not restore the augmentation RNG state on {device} ({exc}); "
-                        f"reseeding it from seed={self.seed} instead."
-                    )
-                self._aug_generator_state = None
-        return self._aug_generator
+            self._aug_generator = torch.Generator(device=device)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = self._train_sampler
+        epoch, batch = (sampler.pass_epoch, sampler.batches_consumed) if sampler is not None else (0, 0)
+        return self._aug_generator.manual_seed(derived_seed(self.seed, _STREAM_AUGMENT, rank, epoch, batch))
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn a uint8 batch on the device into float normalised images; augment it while training."""
-        images, labels = super().on_after_batch_transfer(batch, dataloader_idx)
+        images, labels = batch
         if self.augment and self.trainer is not None and self.trainer.training:
             images = augment_cifar_batch(
                 images, self.MEAN, self.STD, generator=self._augmentation_generator(images.device)
             )
         else:
             images = normalize_batch(images, self.MEAN, self.STD)
-        return images, labels
-
-    def state_dict(self) -> dict[str, Any]:
-        """The training order's position and the augmentation RNG state, saved in checkpoints so that a
-        resumed run continues the same batches and random stream."""
-        state = super().state_dict()
-        if self._aug_generator is not None:
-            state["aug_generator_state"] = self._aug_generator.get_state()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the order's position and the augmentation RNG state (applied when next used)."""
-        super().load_state_dict(state_dict)
-        self._aug_generator = None
-        self._aug_generator_state = state_dict.get("aug_generator_state")
+        return super().on_after_batch_transfer((images, labels), dataloader_idx)  # counts the batch
 
 
 class CIFAR10DataModule(CIFARDataModuleBase):

@@ -4,9 +4,10 @@ Exact resume (kill -9 mid-epoch, resume from the last checkpoint, and the run en
 uninterrupted run) needs the data side to continue where it stopped: the epoch's order is a permutation
 drawn from ``(seed, epoch)`` alone (:class:`ResumableSampler`), the datamodule counts the batches that
 training has consumed and saves ``(epoch, batches consumed)`` in its ``state_dict``, and the resumed epoch
-skips exactly those batches. Augmentation draws come from seeded generators whose state is saved too
-(CIFAR) or are seeded per sample from ``(seed, epoch, index)`` (:class:`SeededSamples`, ImageNet), so they
-do not depend on the global RNG, the number of DataLoader workers or where a run was interrupted.
+skips exactly those batches. Augmentation draws are seeded per batch from ``(seed, rank, epoch, batch)``
+(CIFAR, on the device) or per sample from ``(seed, epoch, index)`` (:class:`SeededSamples`, ImageNet), so
+they do not depend on the global RNG, the number of DataLoader workers or where a run was interrupted, and
+nothing but the position needs saving.
 """
 
 from __future__ import annotations

@@ -607,27 +607,32 @@ def test_on_after_batch_transfer_train_and_eval(cifar10_root):
     assert torch.equal(no_aug.on_after_batch_transfer(batch, 0)[0], normalised)
 
 
-def test_augmentation_state_survives_checkpoint(cifar10_root):
-    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.zeros(8, dtype=torch.long)
-    dm = CIFAR10DataModule(str(cifar10_root))
-    dm.trainer = _stub_trainer(training=True)
-    dm.on_after_batch_transfer((images, labels), 0)
-    state = dm.state_dict()
-    expected = dm.on_after_batch_transfer((images, labels), 0)[0]
-    resumed = CIFAR10DataModule(str(cifar10_root))
-    resumed.trainer = _stub_trainer(training=True)
-    resumed.load_state_dict(state)
-    assert torch.equal(resumed.on_after_batch_transfer((images, labels), 0)[0], expected)
+def test_augmentation_follows_the_restored_position(cifar10_root):
+    def data(**trainer_args):
+        dm = CIFAR10DataModule(str(cifar10_root), val_size=50, batch_size=25)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(
+            **{"current_epoch": 0, "world_size": 1, "global_rank": 0, "training": True}
+            | {"num_training_batches": 18}
+            | trainer_args
+        )
+        return dm
 
-    fresh = CIFAR10DataModule(str(cifar10_root))
-    fresh.trainer = _stub_trainer(training=True)
-    fresh.load_state_dict({"aug_generator_state": torch.zeros(16, dtype=torch.uint8)})  # e.g. a GPU state
-    with pytest.warns(UserWarning, match="reseeding"):
-        out = fresh.on_after_batch_transfer((images, labels), 0)[0]
-    reseeded = CIFAR10DataModule(str(cifar10_root))
-    reseeded.trainer = _stub_trainer(training=True)
-    assert torch.equal(out, reseeded.on_after_batch_transfer((images, labels), 0)[0])
+    dm = data()
+    loader = iter(dm.train_dataloader())
+    first, second = next(loader), next(loader)
+    out_first = dm.on_after_batch_transfer(first, 0)[0]
+    state = dm.state_dict()
+    out_second = dm.on_after_batch_transfer(second, 0)[0]
+    resumed = data()
+    resumed.load_state_dict({**state, "aug_generator_state": torch.zeros(16, dtype=torch.uint8)})  # old key
+    batch = next(iter(resumed.train_dataloader()))
+    assert torch.equal(batch[1], second[1])  # the order resumes at the second batch ...
+    assert torch.equal(resumed.on_after_batch_transfer(batch, 0)[0], out_second)  # ... augmented as before
+    assert not torch.equal(dm.on_after_batch_transfer(first, 0)[0], out_first)  # a later position draws anew
+    other_rank = data(global_rank=1, world_size=2)
+    other_rank.train_dataloader()
+    assert not torch.equal(other_rank.on_after_batch_transfer(first, 0)[0], out_first)
 
 
 class _TinyModel(pl.LightningModule):
