@@ -166,12 +166,13 @@ class ResolvedConfig:
 
     @property
     def num_classes(self) -> int | None:
-        """The classes the datamodule gives the network (the CLI links `data.num_classes` to the model): its
-        class's `NUM_CLASSES` (CIFAR), else `data.num_classes` (ImageNet counts its tree when that is unset:
-        None here, the network's own default)."""
+        """The classes the datamodule gives the network (the CLI links `data.num_classes` to the model):
+        `data.num_classes` where the config sets it, else the datamodule class's `NUM_CLASSES` (CIFAR's 10 or
+        100, ILSVRC's 1000; an ImageNet tree of fewer classes counts them when the run starts)."""
+        if self.data.get("num_classes") is not None:
+            return int(self.data["num_classes"])
         module, _, name = self.config["data"]["class_path"].rpartition(".")
-        fixed = getattr(getattr(importlib.import_module(module), name), "NUM_CLASSES", None)
-        return fixed if fixed is not None else self.data.get("num_classes")
+        return getattr(getattr(importlib.import_module(module), name), "NUM_CLASSES", None)
 
     @property
     def network_kwargs(self) -> dict[str, Any]:

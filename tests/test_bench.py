@@ -119,7 +119,7 @@ def test_train_batches_are_the_augmented_training_batches_on_the_device(cifar10_
     assert images.dtype == plain.dtype == torch.float32 and images.shape == plain.shape == (200, 3, 32, 32)
     assert not torch.equal(images, plain)  # cropped and flipped
     # Unaugmented, each batch image is a normalised training image, with its own label.
-    normalised = normalize_batch(dm.train_dataset.images, dm.mean, dm.std).flatten(1)
+    normalised = normalize_batch(dm.train_dataset.images, dm.MEAN, dm.STD).flatten(1)
     distance, index = torch.cdist(
         plain.flatten(1), normalised, compute_mode="donot_use_mm_for_euclid_dist"
     ).min(1)

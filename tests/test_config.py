@@ -55,9 +55,9 @@ def test_network_arguments_and_classes_come_from_the_config_and_the_datamodule_c
         "stem_width": 8,
         "final_width": 64,
     }
-    # ImageNet counts the classes of its tree: unknown here unless the config states them.
+    # ImageNet: ILSVRC's 1000 unless the config states the classes of its tree.
     imagenet = ["-c", str(CONFIGS / "imagenet" / "attention56.yaml")]
-    assert resolve_config(imagenet).num_classes is None
+    assert resolve_config(imagenet).num_classes == 1000  # ImageNetDataModule.NUM_CLASSES
     assert resolve_config([*imagenet, "--data.num_classes", "200"]).num_classes == 200
     assert resolve_config(imagenet).devices == 8
 
