@@ -15,6 +15,8 @@ from conftest import wandb_records
 from pytorch_lightning.loggers import Logger
 from test_cli import cifar_fit
 
+from experiments.launch import make_jobs
+from experiments.suites import load_suite, suite_names
 from ran.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
@@ -162,3 +164,24 @@ def test_trainer_logger_gets_ran_settings_and_extra_loggers_are_kept(cifar10_dir
 def test_trainer_logger_false_turns_logging_off(cifar10_dir, run_root):
     assert main(cifar_fit(cifar10_dir, run_root, "quiet", "--trainer.logger", "false", steps=1)) == 0
     assert not (run_root / "quiet" / "csv").exists()
+
+
+# --- budgets and the launcher -------------------------------------------------------------------------------
+
+# The logger each budget chooses by itself (README, "Experiments"): the small budgets write CSV files.
+BUDGET_LOGGERS = {"paper": "wandb", "cpu-mini": "csv", "smoke": "csv"}
+
+
+@pytest.mark.parametrize("budget", sorted(BUDGET_LOGGERS))
+def test_every_budget_logs_to_wandb_on_request_with_suite_budget_and_factors(budget, tmp_path):
+    for name in suite_names():
+        suite = load_suite(name)
+        run = suite.runs[0]
+        default, asked = (
+            make_jobs(suite, budget, [0], tmp_path, [run.name], extra)[0].resolved_config().config["run"]
+            for extra in ([], ["--run.logger", "wandb"])
+        )
+        assert default["logger"] == BUDGET_LOGGERS[budget], (name, budget)
+        assert asked["logger"] == "wandb", (name, budget)
+        assert (asked["suite"], asked["budget"], asked["factors"]) == (suite.name, budget, run.factors)
+        assert asked["group"] == suite.name
