@@ -517,8 +517,11 @@ class CIFARDataModuleBase(pl.LightningDataModule):
                 self._aug_generator_state = None
         return self._aug_generator
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Turn a uint8 batch on the device into float normalised images; augment it while training."""
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn a uint8 batch on the device into float normalised images; augment it while training.
+        A batch of images alone (the model summary's `example_input_array`) is normalised."""
+        if isinstance(batch, torch.Tensor):
+            return normalize_batch(batch, self.mean, self.std)
         images, labels = batch
         if self.augment and self.trainer is not None and self.trainer.training:
             images = augment_cifar_batch(

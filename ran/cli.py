@@ -34,7 +34,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning_fabric.utilities.throughput import measure_flops
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
@@ -57,7 +58,7 @@ from ran.callbacks import (
 from ran.config import ConfigError, resolve_config_args
 from ran.mask_monitor import SoftMaskMonitor
 from ran.module import ImageClassifier
-from ran.registry import list_models
+from ran.registry import create_model, list_models
 from ran.results import ResultsWriter
 from ran.rundir import RunDir, UnreadableCheckpoint, checkpoint_problem
 from ran.summary import summary_main
@@ -156,6 +157,66 @@ def network_of(hparams: Any) -> dict[str, Any]:
 def _describe(net: dict[str, Any]) -> str:
     extra = ", ".join(f"{k}={net[k]}" for k in NETWORK_KEYS[2:] if net[k])
     return f"{net['arch']} with {net['num_classes']} classes" + (f" ({extra})" if extra else "")
+
+
+# --- throughput --------------------------------------------------------------------------------------------
+
+# Batches over which ImageThroughput averages its rates (Lightning's default, 100, leaves short runs without).
+THROUGHPUT_WINDOW = 20
+
+
+def batch_images(batch: Any) -> int:
+    """The number of images in an (images, labels) batch, or in a batch of images alone."""
+    return (batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0]
+
+
+def network_flops(hparams: Any, input_shape: Sequence[int]) -> dict[str, int]:
+    """FLOPs per image of the network `hparams` describe, counted by Lightning's `measure_flops` on a copy
+    built on the meta device (no memory, no arithmetic): 'train' is forward and backward, 'eval' forward."""
+    net = network_of(hparams)
+    choices = {k: net[k] for k in ("attention", "learning", "mask") if net[k]}
+    with torch.device("meta"):
+        model = create_model(net["arch"], num_classes=net["num_classes"], **choices, **net["model_kwargs"])
+        images = torch.zeros(1, *input_shape[1:])
+    train = measure_flops(model.train(), lambda: model(images), lambda logits: logits.sum())
+    return {"train": train, "eval": measure_flops(model.eval(), lambda: model(images))}
+
+
+class ImageThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for image batches: images/s (`train/device/samples_per_sec`, and
+    `validate/...`, `test/...`), FLOPs/s and, on a GPU whose peak Lightning knows, the model FLOPs utilisation
+    (`train/device/mfu`), over the last `THROUGHPUT_WINDOW` batches. The FLOPs per batch are the network's
+    FLOPs per image (:func:`network_flops`, from the module's `example_input_array`) times the batch's images,
+    handed to the monitor as the module's `flops_per_batch` before each batch."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size_fn=batch_images, window_size=THROUGHPUT_WINDOW)
+        self.flops_per_image: dict[str, int] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        example = pl_module.example_input_array
+        if not self.flops_per_image and isinstance(example, torch.Tensor):
+            self.flops_per_image = network_flops(pl_module.hparams, example.shape)
+
+    def _set_flops(self, pl_module: pl.LightningModule, batch: Any, kind: str) -> None:
+        if self.flops_per_image:
+            pl_module.flops_per_batch = self.flops_per_image[kind] * batch_images(batch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "train")
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "eval")
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "eval")
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
@@ -451,7 +512,7 @@ class RanCLI(LightningCLI):
             callbacks += [best, last]
         callbacks += [self.stop, SoftMaskMonitor(self.run_dir.path)]
         if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks += [LearningRateMonitor(logging_interval="step"), ImageThroughput()]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(StepProgressBar())
         if self.subcommand == "predict":
