@@ -184,10 +184,11 @@ def network_flops(hparams: Any, input_shape: Sequence[int]) -> dict[str, int]:
 
 class ImageThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor for image batches: images/s (`train/device/samples_per_sec`, and
-    `validate/...`, `test/...`), FLOPs/s and, on a GPU whose peak Lightning knows, the model FLOPs utilisation
-    (`train/device/mfu`), over the last `THROUGHPUT_WINDOW` batches. The FLOPs per batch are the network's
-    FLOPs per image (:func:`network_flops`, from the module's `example_input_array`) times the batch's images,
-    handed to the monitor as the module's `flops_per_batch` before each batch."""
+    `validate/...`, `test/...`) over the last `THROUGHPUT_WINDOW` batches and, on a device whose peak FLOPs
+    Lightning knows (recent NVIDIA GPUs), the FLOPs/s and model FLOPs utilisation (`train/device/mfu`). The
+    FLOPs per batch are the network's FLOPs per image (:func:`network_flops`, from the module's
+    `example_input_array`) times the batch's images, handed to the monitor as the module's `flops_per_batch`
+    before each batch. They are not counted where no peak is known (CPUs): counting takes a few seconds."""
 
     def __init__(self) -> None:
         super().__init__(batch_size_fn=batch_images, window_size=THROUGHPUT_WINDOW)
@@ -196,12 +197,13 @@ class ImageThroughput(ThroughputMonitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         example = pl_module.example_input_array
-        if not self.flops_per_image and isinstance(example, torch.Tensor):
+        if self.available_flops and not self.flops_per_image and isinstance(example, torch.Tensor):
             self.flops_per_image = network_flops(pl_module.hparams, example.shape)
 
     def _set_flops(self, pl_module: pl.LightningModule, batch: Any, kind: str) -> None:
-        if self.flops_per_image:
-            pl_module.flops_per_batch = self.flops_per_image[kind] * batch_images(batch)
+        """Give the monitor the batch's FLOPs as `pl_module.flops_per_batch` (None: not counted)."""
+        count = self.flops_per_image.get(kind)
+        pl_module.flops_per_batch = None if count is None else count * batch_images(batch)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any

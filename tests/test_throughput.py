@@ -7,6 +7,7 @@ import csv
 
 import pytest
 from conftest import TINY_MODEL_KWARGS
+from pytorch_lightning.callbacks import throughput_monitor
 from pytorch_lightning.utilities.model_summary import ModelSummary
 from test_cli import cifar_fit
 
@@ -52,7 +53,9 @@ def test_training_flops_are_forward_and_backward():
 
 
 def test_throughput_reaches_the_logger(cifar10_dir, run_root, monkeypatch):
+    """Images/s, and with a known peak (here a pretended 1 TFLOP/s CPU) FLOPs/s and MFU."""
     monkeypatch.setattr(ran.cli, "THROUGHPUT_WINDOW", 3)
+    monkeypatch.setattr(throughput_monitor, "get_available_flops", lambda device, dtype: 10**12)
     assert main(cifar_fit(cifar10_dir, run_root, "speed", steps=5)) == 0
     with open(run_root / "speed" / "csv" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/samples_per_sec")]
@@ -66,3 +69,16 @@ def test_throughput_reaches_the_logger(cifar10_dir, run_root, monkeypatch):
         assert images_per_s > 0
         # Both rates over the same window of batches of 16 images: their ratio is the FLOPs of one image.
         assert flops_per_s / images_per_s == pytest.approx(per_image, rel=1e-6)
+        assert float(row["train/device/mfu"]) == pytest.approx(flops_per_s / 10**12, rel=1e-6)
+
+
+def test_without_a_known_peak_only_images_per_second_are_logged(cifar10_dir, run_root, monkeypatch):
+    """On a CPU the FLOPs are not counted (it would cost seconds at every start)."""
+    monkeypatch.setattr(ran.cli, "THROUGHPUT_WINDOW", 3)
+    counted = []
+    monkeypatch.setattr(ran.cli, "network_flops", lambda *args: counted.append(args) or {})
+    assert main(cifar_fit(cifar10_dir, run_root, "cpu", steps=5)) == 0
+    with open(run_root / "cpu" / "csv" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/device/samples_per_sec") for r in rows) and not counted
+    assert not any(r.get("train/device/flops_per_sec") for r in rows)
