@@ -38,12 +38,9 @@ def offline_record(run_dir: Path, run_id: str) -> dict:
     files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert files, f"no offline W&B run {run_id} in {run_dir / 'wandb'}"
     records = [r for f in files for r in finished_records(f)]
-    config = {
-        u.key or "/".join(u.nested_key): json.loads(u.value_json)
-        for r in records
-        if r.HasField("config")
-        for u in r.config.update
-    }
+    updates = [r.config for r in records if r.HasField("config")]
+    updates += [r.run.config for r in records if r.HasField("run")]  # wandb.init(config=...)
+    config = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for c in updates for u in c.update}
     history_keys = {
         i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item
     }
