@@ -4,6 +4,7 @@ offline files)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,8 @@ def test_report_writes_a_png_and_logs_table_and_chart_to_wandb(tmp_path, monkeyp
     assert dict(zip(table["columns"], local))["mean"] == 51.0
     assert list(files.rglob("report/chart_*.png"))
 
-    # A second report adds to the same W&B run.
+    # A second report adds to the same W&B run (a second later: W&B names its offline folders by the second).
+    time.sleep(1.1)
     assert experiments_main(args) == 0
     assert (out / "mask_structure-smoke.wandb_id").read_text().strip() == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2

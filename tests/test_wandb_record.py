@@ -87,9 +87,9 @@ def test_fit_then_test_are_two_runs_of_one_group_and_the_fit_keeps_its_config(
     # The fit's W&B config is the fit's resolved config (beside `meta` and the run facts the module logs,
     # such as trainer/effective_batch_size), untouched by the test's command line.
     config = fitted["config"]
-    assert {k: v for k, v in config.items() if k != "meta" and "/" not in k} == yaml.safe_load(
-        (run / "config.yaml").read_text()
-    )
+    assert {
+        k: v for k, v in config.items() if k not in ("meta", "_wandb") and "/" not in k
+    } == yaml.safe_load((run / "config.yaml").read_text())
     assert config["run"]["group"] == "cifar10" and config["run"]["suite"] == "arl_vs_nal"
     assert config["run"]["budget"] == "smoke" and config["run"]["factors"] == {"learning": "nal", "depth": 56}
     meta = config["meta"]
