@@ -1,12 +1,18 @@
 """Lightning data modules for the Residual Attention Network experiments (Wang et al., CVPR 2017).
 
+- :class:`ImageDataModule`: the base; each dataset's facts as class attributes (``DATASET_NAME``,
+  ``NUM_CLASSES``, ``MEAN``, ``STD``, ``DATASET_FOLDER``), the one ``data_dir`` rule
+  (:meth:`~ImageDataModule.resolve_data_dir`, :meth:`~ImageDataModule.find_dataset`) and the training order
+  that resumes mid-epoch.
 - :class:`CIFAR10DataModule`, :class:`CIFAR100DataModule`: in-memory uint8 splits, stratified seeded
   validation split, optional symmetric label noise, batched on-device augmentation
   (:func:`augment_cifar_batch`).
 - :class:`ImageNetDataModule`: ILSVRC ``train/`` and ``val/`` class-per-folder trees.
+- ``sampling``: seeded random streams and the resumable sampler shared by the datamodules.
 - ``python -m datamodules.imagenet_valprep``: sorts the flat official validation images into wnid folders.
 """
 
+from .base import ImageDataModule
 from .cifar import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -18,19 +24,16 @@ from .cifar import (
 )
 from .errors import (
     CorruptImageError,
+    DataDirNotAFolderError,
     DatasetIntegrityError,
     DatasetLayoutError,
     DatasetNotFoundError,
     DatasetSizeWarning,
+    DataSettingError,
 )
 from .imagenet import ImageNetDataModule
+from .sampling import ResumableSampler, derived_generator, derived_seed
 from .transforms import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     augment_cifar_batch,
     crop_flip_batch,
     normalize_batch,
@@ -41,23 +44,23 @@ from .transforms import (
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
     "CIFARDataModuleBase",
     "CorruptImageError",
+    "DataDirNotAFolderError",
+    "DataSettingError",
     "DatasetIntegrityError",
     "DatasetLayoutError",
     "DatasetNotFoundError",
     "DatasetSizeWarning",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
+    "ImageDataModule",
     "ImageNetDataModule",
     "InMemoryImageDataset",
+    "ResumableSampler",
     "augment_cifar_batch",
     "corrupt_labels",
     "crop_flip_batch",
+    "derived_generator",
+    "derived_seed",
     "normalize_batch",
     "passthrough_collate",
     "random_crop_flip_params",

@@ -9,27 +9,28 @@ device in :meth:`CIFARDataModuleBase.on_after_batch_transfer`.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
-from .errors import DatasetIntegrityError, DatasetLayoutError, DatasetNotFoundError, DatasetSizeWarning
-from .loaders import split_loader
-from .transforms import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
-    augment_cifar_batch,
-    normalize_batch,
+from .base import ImageDataModule
+from .errors import (
+    DatasetIntegrityError,
+    DatasetLayoutError,
+    DatasetNotFoundError,
+    DatasetSizeWarning,
+    DataSettingError,
 )
+from .loaders import split_loader
+from .sampling import derived_generator, derived_seed
+from .transforms import augment_cifar_batch, normalize_batch
 
 __all__ = [
     "CIFAR10DataModule",
@@ -37,22 +38,12 @@ __all__ = [
     "CIFARDataModuleBase",
     "InMemoryImageDataset",
     "corrupt_labels",
-    "derived_generator",
     "passthrough_collate",
     "stratified_split",
 ]
 
-# Independent random streams derived from the one user-facing seed.
+# Independent random streams derived from the one user-facing seed (3 is the training order's, in base.py).
 _STREAM_SPLIT, _STREAM_NOISE, _STREAM_AUGMENT = 0, 1, 2
-
-
-def derived_generator(seed: int, *stream: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded from ``(seed, *stream)`` via numpy's ``SeedSequence``.
-
-    Different ``stream`` values give statistically independent generators for the same user seed.
-    """
-    state = int(np.random.SeedSequence([seed, *stream]).generate_state(1, dtype=np.uint64)[0])
-    return torch.Generator(device=device).manual_seed(state)
 
 
 def stratified_split(
@@ -151,18 +142,19 @@ def _normalise_keys(obj: dict) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-class CIFARDataModuleBase(pl.LightningDataModule):
+class CIFARDataModuleBase(ImageDataModule):
     """Shared CIFAR logic; use :class:`CIFAR10DataModule` or :class:`CIFAR100DataModule`.
 
     Args:
-        data_dir: folder that contains the dataset folder (``cifar-10-batches-py`` / ``cifar-100-python``).
+        data_dir: the folder that contains the dataset folder (``cifar-10-batches-py`` /
+            ``cifar-100-python``), or that folder itself (see :meth:`ImageDataModule.resolve_data_dir`).
         batch_size: images per batch and per device.
         val_size: training images held out for validation (model selection), stratified by class and
             seeded. ``0`` means no validation split: ``val_dataloader`` returns an empty list, which Lightning
             treats as "no validation" (so nothing may monitor a validation metric). The test set is never
             used for model selection.
-        seed: seeds the validation split, the label noise and the augmentation (the latter per global rank).
-            Shuffling uses the global torch RNG (``seed_everything``).
+        seed: seeds the validation split, the label noise, the augmentation (per rank, epoch and batch)
+            and, with ``seed_everything``'s seed, the training order (see :class:`ImageDataModule`).
         download: download and extract the official archive in ``prepare_data`` if the data is absent.
         check_md5: also compare each file's md5 with the official one. Off by default: integrity is checked
             by structure (shapes, dtype, label range), so re-packed copies with other md5s load.
@@ -176,7 +168,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
 
     Attributes:
-        num_classes: number of classes (set at construction, for ``LightningCLI`` argument links).
+        num_classes: ``NUM_CLASSES`` (an init-time attribute, for ``LightningCLI`` argument links).
         classes: class names from the meta file (after ``setup``).
         train_labels: labels used for training, noisy if ``clean_label_ratio < 1`` (after ``setup("fit")``).
         train_labels_clean: the original training labels.
@@ -186,11 +178,10 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         split_sizes: ``{"train": ..., "val": ..., "test": ...}`` for the splits set up so far.
     """
 
-    # Constants set by each dataset subclass: `source`, torchvision's dataset class, gives the on-disk layout,
-    # file names, official checksums and download URL (see __init_subclass__); the rest are stated.
+    # Constants set by each dataset subclass: `source`, torchvision's dataset class, gives the on-disk layout
+    # (DATASET_FOLDER), file names, official checksums and download URL (see __init_subclass__); the dataset
+    # facts of ImageDataModule (DATASET_NAME, NUM_CLASSES, MEAN, STD) are stated.
     source: ClassVar[type]
-    dataset_name: ClassVar[str]
-    base_folder: ClassVar[str]
     train_files: ClassVar[tuple[tuple[str, str], ...]]  # (file name, official md5)
     test_files: ClassVar[tuple[tuple[str, str], ...]]
     meta_file: ClassVar[tuple[str, str]]
@@ -200,8 +191,6 @@ class CIFARDataModuleBase(pl.LightningDataModule):
     archive_filename: ClassVar[str]
     archive_md5: ClassVar[str]
     NUM_CLASSES: ClassVar[int]
-    mean: ClassVar[tuple[float, float, float]]
-    std: ClassVar[tuple[float, float, float]]
     official_train_size: ClassVar[int] = 50_000
     official_test_size: ClassVar[int] = 10_000
 
@@ -209,7 +198,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         super().__init_subclass__(**kwargs)
         source = cls.__dict__.get("source")
         if source is not None:
-            cls.base_folder = source.base_folder
+            cls.DATASET_FOLDER = source.base_folder
             cls.train_files = tuple((name, md5) for name, md5 in source.train_list)
             cls.test_files = tuple((name, md5) for name, md5 in source.test_list)
             cls.meta_file = (source.meta["filename"], source.meta["md5"])
@@ -229,7 +218,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         if type(self) is CIFARDataModuleBase:
             raise TypeError("CIFARDataModuleBase is abstract: use CIFAR10DataModule or CIFAR100DataModule")
         if batch_size < 1:
@@ -243,10 +232,9 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.data_dir = self.resolve_data_dir(data_dir)
         self.batch_size = batch_size
         self.val_size = val_size
-        self.seed = seed
         self.download = download
         self.check_md5 = check_md5
         self.clean_label_ratio = clean_label_ratio
@@ -266,47 +254,45 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         self.val_indices: torch.Tensor | None = None
         self.split_sizes: dict[str, int] = {}
         self._aug_generator: torch.Generator | None = None
-        self._aug_generator_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ files on disk
+    @classmethod
+    def layout(cls, root: str | Path) -> str:
+        names = ", ".join(name for name, _ in cls._all_files())
+        folder = Path(root) / cls.DATASET_FOLDER
+        return f"{folder}/ containing {names} (what the official {cls.archive_filename} unpacks to)"
+
+    @classmethod
+    def fix_hint(cls) -> str:
+        return (
+            f"point `--data.data_dir` at the folder that contains `{cls.DATASET_FOLDER}` (or at that folder "
+            f"itself), or run once with `--data.download true` on a machine with network access (downloads "
+            f"{cls.url})."
+        )
+
+    @classmethod
+    def _all_files(cls) -> tuple[tuple[str, str], ...]:
+        return (*cls.train_files, *cls.test_files, cls.meta_file)
+
     @property
     def dataset_dir(self) -> Path:
-        """The dataset folder, ``data_dir / base_folder``."""
-        return self.data_dir / self.base_folder
+        """The dataset folder, ``data_dir / DATASET_FOLDER``."""
+        return self.data_dir / self.DATASET_FOLDER
 
-    def _all_files(self) -> tuple[tuple[str, str], ...]:
-        return (*self.train_files, *self.test_files, self.meta_file)
-
-    def _layout(self) -> str:
-        names = ", ".join(name for name, _ in self._all_files())
-        return (
-            f"{self.dataset_dir}/ containing {names} (what the official {self.archive_filename} unpacks to)"
-        )
-
-    def _fix_hint(self) -> str:
-        return (
-            f"Fix: run once with `--data.download true` on a machine with network access "
-            f"(downloads {self.url}), or point `--data.data_dir` at the folder that contains "
-            f"`{self.base_folder}`."
-        )
+    def _missing_files(self) -> list[str]:
+        return [name for name, _ in self._all_files() if not (self.dataset_dir / name).is_file()]
 
     def _check_present(self) -> None:
-        """Raise a clear error if the dataset folder or one of its files is absent."""
+        """Raise a clear error if data_dir is a file, or the dataset folder or one of its files is absent."""
+        self.check_data_dir(self.data_dir)
         if not self.dataset_dir.is_dir():
-            hint = ""
-            if (self.data_dir / self.train_files[0][0]).is_file():
-                hint = (
-                    f" data_dir ({self.data_dir}) looks like the dataset folder itself: "
-                    f"pass its parent ({self.data_dir.parent}) instead."
-                )
-            raise DatasetNotFoundError(
-                f"{self.dataset_name} not found: expected {self._layout()}.{hint} {self._fix_hint()}"
-            )
-        missing = [name for name, _ in self._all_files() if not (self.dataset_dir / name).is_file()]
+            raise DatasetNotFoundError(self.missing_message(self.data_dir))
+        missing = self._missing_files()
         if missing:
             raise DatasetLayoutError(
-                f"{self.dataset_name} folder {self.dataset_dir} is incomplete: missing "
-                f"{', '.join(str(self.dataset_dir / m) for m in missing)}. Expected {self._layout()}. "
+                f"{self.DATASET_NAME} folder {self.dataset_dir} is incomplete: missing "
+                f"{', '.join(str(self.dataset_dir / m) for m in missing)}. "
+                f"Expected {self.layout(self.data_dir)}. "
                 f"Re-extract the official archive there, or delete the folder and rerun with "
                 f"`--data.download true`."
             )
@@ -319,17 +305,24 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         except (DatasetNotFoundError, DatasetLayoutError):
             if not self.download:
                 raise
+        missing = self._missing_files() if self.dataset_dir.is_dir() else []
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             download_and_extract_archive(
                 self.url, str(self.data_dir), filename=self.archive_filename, md5=self.archive_md5
             )
         except Exception as exc:  # offline, proxy, HTTP error, truncated download, bad md5, ...
+            what = "the missing file(s)" if missing else f"`{self.DATASET_FOLDER}`"
+            absent = (
+                f"{self.dataset_dir} lacks {', '.join(missing)}"
+                if missing
+                else f"{self.dataset_dir} does not exist"
+            )
             raise DatasetNotFoundError(
-                f"Could not download {self.dataset_name} from {self.url} into {self.data_dir} "
-                f"({type(exc).__name__}: {exc}). Expected afterwards: {self._layout()}. Download it on a "
-                f"machine with network access and copy `{self.base_folder}` into {self.data_dir}, or point "
-                f"`--data.data_dir` at the folder that contains `{self.base_folder}`."
+                f"{self.DATASET_NAME}: {absent}, and downloading {self.url} into {self.data_dir} failed "
+                f"({type(exc).__name__}: {exc}). Fix: copy {what} there from the official "
+                f"{self.archive_filename} (download it on a machine with network access), or point "
+                f"`--data.data_dir` at a complete copy."
             ) from exc
         self._check_present()
 
@@ -351,7 +344,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         except Exception as exc:
             raise DatasetLayoutError(
                 f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc}). The file is damaged "
-                f"or not from the official archive; re-extract it (expected {self._layout()})."
+                f"or not from the official archive; re-extract it (expected {self.layout(self.data_dir)})."
             ) from exc
         if not isinstance(obj, dict):
             raise DatasetLayoutError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
@@ -367,7 +360,7 @@ class CIFARDataModuleBase(pl.LightningDataModule):
                 if key not in entry:
                     raise DatasetLayoutError(
                         f"{path}: no '{key}' entry (found keys {sorted(entry)}); expected 'data' and "
-                        f"'{self.label_key}' as in the official {self.dataset_name} files"
+                        f"'{self.label_key}' as in the official {self.DATASET_NAME} files"
                     )
             data = entry["data"]
             if (
@@ -417,10 +410,10 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
 
     def _report_size(self, split: str, n: int, official: int) -> None:
-        rank_zero_info(f"{self.dataset_name}: {n} {split} images in {self.dataset_dir}")
+        rank_zero_info(f"{self.DATASET_NAME}: {n} {split} images in {self.dataset_dir}")
         if n != official:
             rank_zero_warn(
-                f"{self.dataset_name} {split} set in {self.dataset_dir} has {n} images, not the official "
+                f"{self.DATASET_NAME} {split} set in {self.dataset_dir} has {n} images, not the official "
                 f"{official}: a subset or a modified copy.",
                 category=DatasetSizeWarning,
             )
@@ -445,6 +438,12 @@ class CIFARDataModuleBase(pl.LightningDataModule):
     def _setup_train_val(self) -> None:
         images, labels = self._read_batches(self.train_files)
         self._report_size("training", len(labels), self.official_train_size)
+        if self.val_size >= len(labels):
+            raise DataSettingError(
+                f"val_size={self.val_size} but the {self.DATASET_NAME} training set in {self.dataset_dir} "
+                f"has {len(labels)} images. Fix: hold out fewer, e.g. "
+                f"`--data.val_size {min(5000, len(labels) // 10)}` (0 for no validation split)."
+            )
         train_idx, val_idx = stratified_split(
             labels, self.val_size, self.num_classes, derived_generator(self.seed, _STREAM_SPLIT)
         )
@@ -463,20 +462,21 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         )
         if self.clean_label_ratio < 1.0:
             rank_zero_info(
-                f"{self.dataset_name}: label noise with clean ratio {self.clean_label_ratio} on the training "
+                f"{self.DATASET_NAME}: label noise with clean ratio {self.clean_label_ratio} on the training "
                 f"part, realised {self.realised_clean_ratio:.4f}"
             )
         self.train_dataset = InMemoryImageDataset(train_images, self.train_labels)
         self.split_sizes.update(train=len(train_idx), val=len(val_idx))
 
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset: InMemoryImageDataset | None, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: InMemoryImageDataset | None, split: str) -> DataLoader:
+        """An evaluation split's loader, in the split's order."""
         return split_loader(
             dataset,
             type(self).__name__,
             split,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=True,
@@ -484,63 +484,71 @@ class CIFARDataModuleBase(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled uint8 training batches ``(images, labels)``, augmented in ``on_after_batch_transfer``."""
-        return self._loader(self.train_dataset, "train", shuffle=True)
+        """Uint8 training batches ``(images, labels)`` in the resumable seeded order (see
+        :class:`ImageDataModule`), augmented in ``on_after_batch_transfer``."""
+        return self._train_loader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=True,
+            collate_fn=passthrough_collate,
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches, or ``[]`` when ``val_size == 0`` (Lightning then skips validation)."""
         if self.val_size == 0:
             return []
-        return self._loader(self.val_dataset, "validation", shuffle=False)
+        return self._loader(self.val_dataset, "validation")
 
     def test_dataloader(self) -> DataLoader:
         """The official test set (for the final report only, never for model selection)."""
-        return self._loader(self.test_dataset, "test", shuffle=False)
+        return self._loader(self.test_dataset, "test")
 
     def predict_dataloader(self) -> DataLoader:
         """The official test set."""
-        return self._loader(self.test_dataset, "test", shuffle=False)
+        return self._loader(self.test_dataset, "test")
 
     # ------------------------------------------------------------------ on-device augmentation
     def _augmentation_generator(self, device: torch.device) -> torch.Generator:
+        """The generator for the next training batch, seeded from ``(seed, rank, epoch, batch position)``.
+
+        A function of the position, not a stream with a state, so a resumed run draws what the uninterrupted
+        one drew on any number of devices (a saved stream would hold rank 0's state only).
+        """
         if self._aug_generator is None or self._aug_generator.device != device:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            self._aug_generator = derived_generator(self.seed, _STREAM_AUGMENT, rank, device=device)
-            if self._aug_generator_state is not None:
-                try:
-                    self._aug_generator.set_state(self._aug_generator_state)
-                except RuntimeError as exc:  # e.g. a CPU generator's state restored on a GPU run
-                    rank_zero_warn(
-                        f"Could not restore the augmentation RNG state on {device} ({exc}); "
-                        f"reseeding it from seed={self.seed} instead."
-                    )
-                self._aug_generator_state = None
-        return self._aug_generator
+            self._aug_generator = torch.Generator(device=device)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        sampler = self._train_sampler
+        epoch, batch = (sampler.pass_epoch, sampler.batches_consumed) if sampler is not None else (0, 0)
+        return self._aug_generator.manual_seed(derived_seed(self.seed, _STREAM_AUGMENT, rank, epoch, batch))
+
+    def prepare_batch(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """A uint8 batch on its device as float normalised images, augmented (when ``augment``) for
+        training with the training augmentation stream: what every training and evaluation step receives."""
+        if train and self.augment:
+            generator = self._augmentation_generator(images.device)
+            return augment_cifar_batch(images, self.MEAN, self.STD, generator=generator)
+        return normalize_batch(images, self.MEAN, self.STD)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Turn a uint8 batch on the device into float normalised images; augment it while training.
         A batch of images alone (the model summary's `example_input_array`) is normalised."""
         if isinstance(batch, torch.Tensor):
-            return normalize_batch(batch, self.mean, self.std)
+            return self.prepare_batch(batch, train=False)
         images, labels = batch
-        if self.augment and self.trainer is not None and self.trainer.training:
-            images = augment_cifar_batch(
-                images, self._augmentation_generator(images.device), mean=self.mean, std=self.std
-            )
-        else:
-            images = normalize_batch(images, self.mean, self.std)
-        return images, labels
+        training = self.trainer is not None and self.trainer.training
+        images = self.prepare_batch(images, train=training)
+        return super().on_after_batch_transfer((images, labels), dataloader_idx)  # counts the batch
 
-    def state_dict(self) -> dict[str, Any]:
-        """Augmentation RNG state, saved in checkpoints so a resumed run continues the same random stream."""
-        if self._aug_generator is None:
-            return {}
-        return {"aug_generator_state": self._aug_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the augmentation RNG state (applied when the generator is next created)."""
-        self._aug_generator = None
-        self._aug_generator_state = state_dict.get("aug_generator_state")
+    def train_batches(self, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of training batches as a training step receives them: the training dataloader's uint8
+        batches moved to ``device``, then augmented and normalised there (``prepare_batch``), for measuring
+        the pipeline; needs ``setup("fit")``."""
+        device = torch.device(device)
+        for images, labels in self.train_dataloader():
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield self.prepare_batch(images, train=True), labels
 
 
 class CIFAR10DataModule(CIFARDataModuleBase):
@@ -549,12 +557,12 @@ class CIFAR10DataModule(CIFARDataModuleBase):
         + (CIFARDataModuleBase.__doc__ or "").split("\n", 1)[1]
     )
 
-    dataset_name = "CIFAR-10"
+    DATASET_NAME = "CIFAR-10"
     source = CIFAR10
     label_key = "labels"
     NUM_CLASSES = 10
-    mean = CIFAR10_MEAN
-    std = CIFAR10_STD
+    MEAN = (0.4914, 0.4822, 0.4465)
+    STD = (0.2470, 0.2435, 0.2616)
 
 
 class CIFAR100DataModule(CIFARDataModuleBase):
@@ -563,9 +571,9 @@ class CIFAR100DataModule(CIFARDataModuleBase):
         + (CIFARDataModuleBase.__doc__ or "").split("\n", 1)[1]
     )
 
-    dataset_name = "CIFAR-100"
+    DATASET_NAME = "CIFAR-100"
     source = CIFAR100
     label_key = "fine_labels"
     NUM_CLASSES = 100
-    mean = CIFAR100_MEAN
-    std = CIFAR100_STD
+    MEAN = (0.5071, 0.4865, 0.4409)
+    STD = (0.2673, 0.2564, 0.2762)

@@ -1,6 +1,7 @@
 """Exceptions and warnings raised by the data modules.
 
-Each subclasses a built-in (``FileNotFoundError``, ``RuntimeError``, ``UserWarning``) so callers that do not
+Each subclasses a built-in (``FileNotFoundError``, ``NotADirectoryError``, ``ValueError``, ``RuntimeError``,
+``UserWarning``) so callers that do not
 know this package can still catch them.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 __all__ = [
     "CorruptImageError",
     "CorruptImageWarning",
+    "DataDirNotAFolderError",
+    "DataSettingError",
     "DatasetIntegrityError",
     "DatasetLayoutError",
     "DatasetNotFoundError",
@@ -18,6 +21,14 @@ __all__ = [
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset folder (or a file of it) is absent and could not be downloaded."""
+
+
+class DataDirNotAFolderError(NotADirectoryError):
+    """``data_dir`` names a file, not a folder."""
+
+
+class DataSettingError(ValueError):
+    """A data setting the dataset cannot satisfy (e.g. a validation split as large as the training set)."""
 
 
 class DatasetLayoutError(RuntimeError):

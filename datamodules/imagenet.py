@@ -15,21 +15,20 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import v2
 
-from .cifar import derived_generator
+from .base import ImageDataModule
 from .errors import CorruptImageError, CorruptImageWarning, DatasetLayoutError, DatasetNotFoundError
 from .loaders import split_loader
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .sampling import SeededSamples, derived_generator, derived_seed
 
 __all__ = [
     "ImageNetDataModule",
@@ -42,13 +41,16 @@ __all__ = [
 # Ratio of crop to resized shorter side in the standard ImageNet evaluation (224 / 256).
 EVAL_CROP_RATIO = 0.875
 
+# Independent random streams derived from the one user-facing seed (3 is the training order's, in base.py).
+_STREAM_HOLDOUT, _STREAM_AUGMENT = 0, 2
+
 
 def eval_resize_size(eval_size: int) -> int:
     """Shorter-side resize before the ``eval_size`` centre crop: ``round(eval_size / 0.875)``."""
     return round(eval_size / EVAL_CROP_RATIO)
 
 
-def imagenet_train_transform(image_size: int = 224) -> v2.Compose:
+def imagenet_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """RandomResizedCrop (scale (0.08, 1), ratio (3/4, 4/3)), horizontal flip, to [0, 1] float, Normalize."""
     return v2.Compose(
         [
@@ -56,13 +58,13 @@ def imagenet_train_transform(image_size: int = 224) -> v2.Compose:
             v2.RandomHorizontalFlip(),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),  # the v2 equivalent of ToTensor
-            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+            v2.Normalize(mean=list(mean), std=list(std)),
             v2.ToPureTensor(),
         ]
     )
 
 
-def imagenet_eval_transform(eval_size: int = 224) -> v2.Compose:
+def imagenet_eval_transform(eval_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the shorter side to ``round(eval_size / 0.875)``, centre-crop ``eval_size``, Normalize."""
     return v2.Compose(
         [
@@ -70,7 +72,7 @@ def imagenet_eval_transform(eval_size: int = 224) -> v2.Compose:
             v2.CenterCrop(eval_size),
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+            v2.Normalize(mean=list(mean), std=list(std)),
             v2.ToPureTensor(),
         ]
     )
@@ -145,14 +147,15 @@ class ImageTreeDataset(ImageFolder):
         )
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(ImageDataModule):
     """ImageNet from ``data_dir/train/<wnid>/*.JPEG`` and ``data_dir/val/<wnid>/*.JPEG`` (ILSVRC layout).
 
     The official validation images come as one flat folder; sort them into wnid folders once with
     ``python -m datamodules.imagenet_valprep --val-dir DIR --labels FILE``.
 
     Args:
-        data_dir: folder holding ``train/`` and ``val/``, each with one sub-folder per class (same classes).
+        data_dir: the folder holding ``train/`` and ``val/``, each with one sub-folder per class (same
+            classes).
         batch_size: images per batch and per device.
         num_workers: DataLoader worker processes (decoding JPEGs needs several).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
@@ -164,17 +167,23 @@ class ImageNetDataModule(pl.LightningDataModule):
         holdout_per_class: if > 0, hold out that many training images per class (seeded) as the validation
             set for model selection, and use ``val/`` as the test set. If 0, ``val/`` serves as both
             validation and test set: the ILSVRC convention, since the official test labels are not public.
-        seed: seeds the hold-out split.
+        seed: seeds the hold-out split, the training augmentation (per image, from ``(seed, epoch, index)``,
+            whichever worker loads it) and, with ``seed_everything``'s seed, the training order (see
+            :class:`ImageDataModule`).
         num_classes: number of classes; counted from the class folders of ``train/`` when None. If given
             while the tree is present, it must match the count.
 
     Attributes:
-        num_classes: number of classes (set at construction, for ``LightningCLI`` argument links).
+        num_classes: the tree's number of classes (set at construction, for ``LightningCLI`` argument links);
+            ``NUM_CLASSES`` is ILSVRC's 1000.
         classes: class folder names (wnids), index order.
     """
 
-    mean = IMAGENET_MEAN  # the normalisation of every batch, as the CIFAR data modules state theirs
-    std = IMAGENET_STD
+    DATASET_NAME: ClassVar[str] = "ImageNet"
+    NUM_CLASSES: ClassVar[int] = 1000
+    MEAN: ClassVar[tuple[float, float, float]] = (0.485, 0.456, 0.406)
+    STD: ClassVar[tuple[float, float, float]] = (0.229, 0.224, 0.225)
+    DATASET_FOLDER: ClassVar[None] = None  # data_dir is the dataset's folder (any name)
 
     def __init__(
         self,
@@ -190,7 +199,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -198,7 +207,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         if holdout_per_class < 0:
             raise ValueError(f"holdout_per_class must be >= 0, got {holdout_per_class}")
         self.save_hyperparameters()
-        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.data_dir = self.resolve_data_dir(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -207,7 +216,6 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.eval_size = eval_size
         self.skip_corrupt = skip_corrupt
         self.holdout_per_class = holdout_per_class
-        self.seed = seed
 
         self.classes: list[str] | None = None
         if (self.data_dir / "train").is_dir():
@@ -220,8 +228,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             num_classes = len(self.classes)
         elif num_classes is None:
             raise DatasetNotFoundError(
-                f"ImageNet training tree not found at {self.data_dir / 'train'}; cannot count classes. "
-                f"{self._layout_hint()} Or pass `--data.num_classes` explicitly."
+                f"{self.missing_message(self.data_dir)} Or pass `--data.num_classes` to build it without "
+                f"the tree."
             )
         self.num_classes: int = num_classes
 
@@ -230,13 +238,22 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.test_dataset: Dataset | None = None
 
     # ------------------------------------------------------------------ layout checks
-    def _layout_hint(self) -> str:
+    @classmethod
+    def layout(cls, root: str | Path) -> str:
         return (
-            f"Expected layout: {self.data_dir}/train/<wnid>/*.JPEG and {self.data_dir}/val/<wnid>/*.JPEG, "
-            f"one folder per class with the same class folders in both (sort the official flat validation "
-            f"images with `python -m datamodules.imagenet_valprep`). Point `--data.data_dir` at the folder "
-            f"that contains train/ and val/."
+            f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class with the same "
+            f"class folders in both"
         )
+
+    @classmethod
+    def fix_hint(cls) -> str:
+        return (
+            "point `--data.data_dir` at the folder that contains train/ and val/ (sort the official flat "
+            "validation images into class folders with `python -m datamodules.imagenet_valprep`)."
+        )
+
+    def _layout_hint(self) -> str:
+        return f"Expected {self.layout(self.data_dir)}. Fix: {self.fix_hint()}"
 
     def _class_folders(self, root: Path) -> list[str]:
         classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
@@ -274,7 +291,7 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _holdout_split(self, targets: list[int]) -> tuple[list[int], list[int]]:
         """``holdout_per_class`` seeded random images per class for validation; the rest for training."""
-        generator = derived_generator(self.seed, 0)
+        generator = derived_generator(self.seed, _STREAM_HOLDOUT)
         by_class: dict[int, list[int]] = {}
         for i, t in enumerate(targets):
             by_class.setdefault(t, []).append(i)
@@ -295,17 +312,17 @@ class ImageNetDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Scan the trees that ``stage`` needs and build the datasets."""
         train_root = self.data_dir / "train"
+        self.check_data_dir(self.data_dir)
         if not train_root.is_dir():
-            raise DatasetNotFoundError(
-                f"ImageNet train folder not found: {train_root}. {self._layout_hint()}"
-            )
+            raise DatasetNotFoundError(self.missing_message(self.data_dir))
         if self.classes is None:
             self.classes = self._class_folders(train_root)
-        eval_tf = imagenet_eval_transform(self.eval_size)
+        eval_tf = imagenet_eval_transform(self.eval_size, self.MEAN, self.STD)
+        train_tf = imagenet_train_transform(self.image_size, self.MEAN, self.STD)
         if stage in (None, "fit", "validate"):
             if self.holdout_per_class > 0:
                 if self.train_dataset is None:
-                    train_tree = self._tree("train", imagenet_train_transform(self.image_size), self.classes)
+                    train_tree = self._tree("train", train_tf, self.classes)
                     train_idx, val_idx = self._holdout_split(train_tree.targets)
                     holdout_tree = copy.copy(train_tree)  # shares the sample list, evaluation transform
                     holdout_tree.transform = eval_tf
@@ -313,9 +330,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                     self.val_dataset = Subset(holdout_tree, val_idx)
             else:
                 if stage != "validate" and self.train_dataset is None:
-                    self.train_dataset = self._tree(
-                        "train", imagenet_train_transform(self.image_size), self.classes
-                    )
+                    self.train_dataset = self._tree("train", train_tf, self.classes)
                 if self.val_dataset is None:
                     if self.test_dataset is None:
                         self.test_dataset = self._tree("val", eval_tf, self.classes)
@@ -325,30 +340,50 @@ class ImageNetDataModule(pl.LightningDataModule):
             if self.holdout_per_class == 0:
                 self.val_dataset = self.test_dataset
 
-    def _loader(self, dataset: Dataset | None, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, split: str) -> DataLoader:
+        """An evaluation split's loader, in the split's order."""
         return split_loader(
             dataset,
             "ImageNetDataModule",
             split,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches of float ``(B, 3, image_size, image_size)`` tensors."""
-        return self._loader(self.train_dataset, "train", shuffle=True)
+        """Augmented training batches of float ``(B, 3, image_size, image_size)`` tensors in the resumable
+        seeded order (see :class:`ImageDataModule`), each image's crop and flip seeded by
+        ``(seed, epoch, index)``."""
+        samples = None
+        if self.train_dataset is not None:
+            samples = SeededSamples(self.train_dataset, derived_seed(self.seed, _STREAM_AUGMENT))
+        return self._train_loader(
+            samples,
+            stamp_epoch=True,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """The hold-out (``holdout_per_class > 0``) or ``val/`` (otherwise), centre-cropped."""
-        return self._loader(self.val_dataset, "validation", shuffle=False)
+        return self._loader(self.val_dataset, "validation")
 
     def test_dataloader(self) -> DataLoader:
         """``val/``, centre-cropped to ``eval_size``."""
-        return self._loader(self.test_dataset, "test", shuffle=False)
+        return self._loader(self.test_dataset, "test")
 
     def predict_dataloader(self) -> DataLoader:
         """Same as :meth:`test_dataloader`."""
         return self.test_dataloader()
+
+    def train_batches(self, device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of training batches as a training step receives them: the training dataloader's decoded,
+        augmented batches moved to ``device`` (for measuring the pipeline; needs ``setup("fit")``)."""
+        device = torch.device(device)
+        for images, labels in self.train_dataloader():
+            yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -1,8 +1,9 @@
-"""Normalisation constants, the batched CIFAR augmentation and its per-image reference.
+"""The batched CIFAR augmentation and its per-image reference.
 
 The paper (Wang et al., CVPR 2017, Sec. 4.1) trains on CIFAR with "the standard data augmentation": 4-pixel
 zero padding on each side, a random 32x32 crop, a random horizontal flip, and per-pixel mean subtraction.
-We normalise with the per-channel mean *and* standard deviation (the usual modern variant).
+We normalise with the per-channel mean *and* standard deviation (the usual modern variant); the constants
+are dataset facts, held by the datamodule classes (``CIFAR10DataModule.MEAN``, ``.STD``).
 
 :func:`augment_cifar_batch` does this for a whole uint8 batch on the training device in a few tensor ops
 (one gather for all crops, one ``where`` for the flips, one scale-and-shift), so the data pipeline is never
@@ -20,26 +21,12 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 __all__ = [
-    "CIFAR10_MEAN",
-    "CIFAR10_STD",
-    "CIFAR100_MEAN",
-    "CIFAR100_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "augment_cifar_batch",
     "crop_flip_batch",
     "normalize_batch",
     "random_crop_flip_params",
     "reference_cifar_transform",
 ]
-
-# Per-channel mean and standard deviation of the training images, on the [0, 1] scale.
-CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 def random_crop_flip_params(
@@ -95,9 +82,9 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
 
 def augment_cifar_batch(
     images_uint8: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
     generator: torch.Generator | None = None,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
     padding: int = 4,
     flip: bool = True,
 ) -> torch.Tensor:
@@ -105,8 +92,8 @@ def augment_cifar_batch(
 
     Args:
         images_uint8: ``(B, 3, 32, 32)`` uint8 images, on any device.
+        mean, std: per-channel normalisation constants on the [0, 1] scale (the datamodule's MEAN, STD).
         generator: a ``torch.Generator`` on the images' device for reproducible draws (global RNG if None).
-        mean, std: per-channel normalisation constants on the [0, 1] scale.
         padding: zero padding on each side before the random crop (4 in the paper).
         flip: random horizontal flip with p = 0.5 per image.
 
@@ -119,9 +106,7 @@ def augment_cifar_batch(
     return normalize_batch(crop_flip_batch(images_uint8, top, left, flips, padding=padding), mean, std)
 
 
-def reference_cifar_transform(
-    mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, padding: int = 4
-) -> v2.Compose:
+def reference_cifar_transform(mean: Sequence[float], std: Sequence[float], padding: int = 4) -> v2.Compose:
     """The same augmentation as per-image torchvision transforms (for PIL images or uint8 CHW tensors).
 
     ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip()``, conversion to float on [0, 1], ``Normalize``.

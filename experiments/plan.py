@@ -1,6 +1,5 @@
 """What a suite costs under a budget: runs, iterations, images, training FLOPs and (with `--measure`)
-device-hours
-from training-step times measured on this machine's device with `ran.bench`."""
+device-hours from training-step times measured on this machine's device (`ran.measure`)."""
 
 from __future__ import annotations
 
@@ -10,9 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from experiments.launch import make_jobs
 from experiments.suites import Suite, load_suite, suite_names
 from ran.markdown import markdown_lines
+from ran.measure import count_macs, pick_device, train_step_times
+from ran.registry import create_model
 
 
 @dataclass
@@ -68,10 +71,7 @@ def run_costs(
 ) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe and network from the config its `ran fit` resolves
     (`ran.config`) and its forward multiply-adds counted by torch's FlopCounterMode
-    (`ran.summary.count_macs`)."""
-    from ran.registry import create_model
-    from ran.summary import count_macs
-
+    (`ran.measure.count_macs`)."""
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
     for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
@@ -104,10 +104,8 @@ def run_costs(
 
 def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = None) -> None:
     """Fill each run's `step_s`: the median training-step time of its network, recipe and per-device batch on
-    this machine's device, through the real module and Trainer (`ran.bench.train_step_times`, synthetic
+    this machine's device, through the real module and Trainer (`ran.measure.train_step_times`, synthetic
     batches, no data loading). Runs that share a network and recipe are measured once."""
-    from ran.bench import pick_device, train_step_times
-
     device = pick_device("auto")
     cache = {} if cache is None else cache
     for cost in costs:
@@ -137,10 +135,6 @@ def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = Non
 
 
 def device_label() -> str:
-    import torch
-
-    from ran.bench import pick_device
-
     device = pick_device("auto")
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

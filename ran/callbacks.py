@@ -254,8 +254,8 @@ class LastCheckpoint(pl.Callback):
         self.every_n_steps = every_n_steps
         self.saved_step = -1
 
-    def save(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step != self.saved_step:
+    def save(self, trainer: pl.Trainer, again: bool = False) -> None:
+        if again or trainer.global_step != self.saved_step:
             trainer.save_checkpoint(self.path)
             self.saved_step = trainer.global_step
 
@@ -270,7 +270,9 @@ class LastCheckpoint(pl.Callback):
             self.save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.save(trainer)
+        # Saved again even at the step of the last validation: a save inside validation precedes Lightning's
+        # count of logged steps for that step, so a run extended from it would log one step behind.
+        self.save(trainer, again=True)
 
 
 class GracefulStop(pl.Callback):

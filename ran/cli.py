@@ -56,7 +56,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from datamodules.errors import CorruptImageError, DatasetLayoutError
+from datamodules.errors import CorruptImageError, DatasetLayoutError, DataSettingError
 from ran.allocator import keep_freed_memory
 from ran.callbacks import (
     AtomicCheckpointIO,
@@ -629,6 +629,7 @@ USER_ERRORS = (
     PermissionError,
     CorruptImageError,
     DatasetLayoutError,
+    DataSettingError,
     TrainingDiverged,
     UnreadableCheckpoint,
 )

@@ -6,15 +6,23 @@ follow the authors' released Caffe model definitions (fwang91/residual-attention
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LEARNINGS = ("arl", "nal")
-ATTENTIONS = ("mixed", "channel", "spatial")
-MASKS = ("hourglass", "local", "cbam", "cbam_channel", "cbam_spatial", "se", "none")
+# The switches of every network and of `AttentionModule`: each set of values is defined here once; the tuples
+# are derived from the types, which the command line uses to reject a bad value at parse time.
+Learning = Literal["arl", "nal"]
+Attention = Literal["mixed", "channel", "spatial"]
+Mask = Literal["hourglass", "local", "cbam", "cbam_channel", "cbam_spatial", "se", "none"]
+Unit = Literal["preact", "postact"]
+LEARNINGS: tuple[str, ...] = get_args(Learning)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+MASKS: tuple[str, ...] = get_args(Mask)
+UNITS: tuple[str, ...] = get_args(Unit)
 
 
 def check_choice(kind: str, value: str, choices: tuple[str, ...]) -> str:
@@ -65,11 +73,82 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-UnitFactory = Callable[[int, int, int], nn.Module]
-"""Builds a residual unit from (in_channels, out_channels, stride)."""
+class PostActBottleneck(nn.Module):
+    """Post-activation bottleneck residual unit (He et al., 2015; grouped, it is ResNeXt's unit), as in the
+    released AttentionNeXt-56-deploy.prototxt.
+
+    1x1 conv-BN-ReLU, 3x3 conv (carries the stride; grouped for ResNeXt units)-BN-ReLU, 1x1 conv-BN; where the
+    shape changes, a 1x1 conv-BN projection shortcut; a ReLU after the sum.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        *,
+        mid_channels: int | None = None,
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        mid = mid_channels or out_channels // 4
+        self.conv1 = nn.Conv2d(in_channels, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+            if stride != 1 or in_channels != out_channels
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.shortcut is None else self.shortcut(x)
+        return F.relu(out + shortcut, inplace=True)
 
 
-def stack_units(make_unit: UnitFactory, channels: int, n: int) -> nn.Sequential:
+@dataclass(frozen=True)
+class UnitSpec:
+    """The residual unit of a network; calling it with (in_channels, out_channels, stride) builds one.
+
+    `unit`: 'preact' (`PreActBottleneck`, the released Attention-56/92) or 'postact' (`PostActBottleneck`, the
+    released AttentionNeXt-56); the bottleneck width is `bottleneck_ratio` of the output channels; `groups`
+    groups the 3x3 conv (32 with ratio 1/2 for ResNeXt units).
+    """
+
+    unit: Unit = "preact"
+    bottleneck_ratio: float = 0.25
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("unit", self.unit, UNITS)
+
+    @property
+    def post_activation(self) -> bool:
+        """Whether a unit's output has passed its last ReLU, so what reads it (a mask head, the classifier)
+        needs no BN-ReLU of its own, while a pre-activation unit's output still does."""
+        return self.unit == "postact"
+
+    def __call__(self, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+        block = PostActBottleneck if self.post_activation else PreActBottleneck
+        return block(
+            in_channels,
+            out_channels,
+            stride,
+            mid_channels=int(out_channels * self.bottleneck_ratio),
+            groups=self.groups,
+        )
+
+
+def stack_units(make_unit: UnitSpec, channels: int, n: int) -> nn.Sequential:
     """`n` shape-preserving residual units (an empty Sequential, the identity, when n = 0)."""
     return nn.Sequential(*(make_unit(channels, channels, 1) for _ in range(n)))
 
@@ -113,7 +192,7 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
 
 
-def make_activation(attention: str) -> nn.Module:
+def make_activation(attention: Attention) -> nn.Module:
     check_choice("attention", attention, ATTENTIONS)
     return {"mixed": MixedAttention, "channel": ChannelAttention, "spatial": SpatialAttention}[attention]()
 
@@ -125,12 +204,16 @@ def make_activation(attention: str) -> nn.Module:
 
 
 class MaskHead(nn.Sequential):
-    """The end of the soft mask branch: BN-ReLU-1x1 conv, BN-ReLU-1x1 conv, then the activation (Sec. 3.2)."""
+    """The end of the soft mask branch: BN-ReLU-1x1 conv, BN-ReLU-1x1 conv, then the activation (Sec. 3.2).
 
-    def __init__(self, channels: int, attention: str) -> None:
+    With `preactivate=False`, after post-activation units, the first BN-ReLU is left out: 1x1 conv-BN-ReLU-1x1
+    conv, then the activation, as in the released AttentionNeXt-56 file.
+    """
+
+    def __init__(self, channels: int, attention: Attention, *, preactivate: bool = True) -> None:
+        pre = [nn.BatchNorm2d(channels), nn.ReLU(inplace=True)] if preactivate else []
         super().__init__(
-            nn.BatchNorm2d(channels),
-            nn.ReLU(inplace=True),
+            *pre,
             nn.Conv2d(channels, channels, 1, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
@@ -152,12 +235,12 @@ class HourglassMask(nn.Module):
     def __init__(
         self,
         channels: int,
-        make_unit: UnitFactory,
+        make_unit: UnitSpec,
         *,
         r: int,
         pool_levels: int,
         bottom_units: int,
-        attention: str,
+        attention: Attention,
     ) -> None:
         super().__init__()
         if pool_levels < 1:
@@ -173,7 +256,7 @@ class HourglassMask(nn.Module):
         )
         self.skips = nn.ModuleList(make_unit(channels, channels, 1) for _ in range(pool_levels - 1))
         self.up = nn.ModuleList(stack_units(make_unit, channels, r) for _ in range(pool_levels - 1))
-        self.head = MaskHead(channels, attention)
+        self.head = MaskHead(channels, attention, preactivate=not make_unit.post_activation)
 
     @property
     def min_input_size(self) -> int:
@@ -205,10 +288,10 @@ class LocalMask(nn.Module):
     """The paper's local-convolution ablation (Sec. 4.1, Table 2): the hourglass branch's residual units
     applied at full resolution, with no pooling, up-sampling or skip connections, then the same head."""
 
-    def __init__(self, channels: int, make_unit: UnitFactory, *, num_units: int, attention: str) -> None:
+    def __init__(self, channels: int, make_unit: UnitSpec, *, num_units: int, attention: Attention) -> None:
         super().__init__()
         self.units = stack_units(make_unit, channels, num_units)
-        self.head = MaskHead(channels, attention)
+        self.head = MaskHead(channels, attention, preactivate=not make_unit.post_activation)
 
     def forward(self, x: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         return self.head(self.units(x))
@@ -236,16 +319,17 @@ class CBAMChannelGate(nn.Module):
 
 
 class CBAMSpatialGate(nn.Module):
-    """CBAM spatial attention: channel-wise average and max maps through a 7x7 conv (with BN, as in CBAM's
-    reference code) and a sigmoid."""
+    """CBAM spatial attention: the channel-wise max and mean maps, stacked in that order, through a 7x7 conv,
+    BatchNorm (momentum 0.01) and a sigmoid, as in CBAM's official code (Jongchan/attention-module,
+    MODELS/cbam.py: ChannelPool, BasicConv), so its weights load unchanged."""
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(1)
+        self.bn = nn.BatchNorm2d(1, momentum=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
 
@@ -288,18 +372,20 @@ def hourglass_unit_count(r: int, pool_levels: int, bottom_units: int) -> int:
 
 
 def make_mask(
-    mask: str,
+    mask: Mask,
     channels: int,
-    make_unit: UnitFactory,
+    make_unit: UnitSpec,
     *,
     r: int,
     pool_levels: int,
     bottom_units: int,
-    attention: str,
+    attention: Attention,
 ) -> nn.Module | None:
-    """Build the soft mask branch named by `mask` (None for 'none', the trunk-only baseline)."""
+    """Build the soft mask branch named by `mask` (None for 'none', the trunk-only baseline).
+
+    `attention` is checked by `make_activation` for the paper's masks; every other mask takes 'mixed' only.
+    """
     check_choice("mask", mask, MASKS)
-    check_choice("attention", attention, ATTENTIONS)
     if mask not in ("hourglass", "local") and attention != "mixed":
         raise ValueError(
             f"attention={attention!r} applies to the paper's masks ('hourglass', 'local') only; "
@@ -340,14 +426,14 @@ class AttentionModule(nn.Module):
         r: int = 1,
         pool_levels: int = 1,
         bottom_units: int | None = None,
-        learning: str = "arl",
-        attention: str = "mixed",
-        mask: str = "hourglass",
-        make_unit: UnitFactory | None = None,
+        learning: Learning = "arl",
+        attention: Attention = "mixed",
+        mask: Mask = "hourglass",
+        make_unit: UnitSpec | None = None,
     ) -> None:
         super().__init__()
         self.learning = check_choice("learning", learning, LEARNINGS)
-        make_unit = make_unit or PreActBottleneck
+        make_unit = make_unit or UnitSpec()
         self.pre = stack_units(make_unit, channels, p)
         self.trunk = stack_units(make_unit, channels, t)
         self.mask = make_mask(

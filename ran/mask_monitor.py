@@ -70,7 +70,7 @@ class SoftMaskMonitor(pl.Callback):
             return
         step, datamodule = trainer.global_step, trainer.datamodule
         title = f"soft masks, {stage} images, step {step}"
-        picture = mask_grid(unnormalize(self.images, datamodule.mean, datamodule.std), masks, title)
+        picture = mask_grid(unnormalize(self.images, datamodule.MEAN, datamodule.STD), masks, title)
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         for logger in wandb_loggers:
             logger.log_image(f"masks/{stage}", [picture], step=step, caption=[title])
@@ -88,7 +88,7 @@ class SoftMaskMonitor(pl.Callback):
         datamodule = trainer.datamodule
         if not hasattr(net, "soft_masks"):
             return self._skip("the network has no soft_masks")
-        if not (hasattr(datamodule, "mean") and hasattr(datamodule, "std")):
+        if not (hasattr(datamodule, "MEAN") and hasattr(datamodule, "STD")):
             return self._skip("no datamodule with the mean and std to show its images")
         if self.images is None:
             self.images = self._take_images(datamodule, pl_module.device)

@@ -2,8 +2,8 @@
 
 Every registered variant is a small function that states only its numbers; `ResidualAttentionNet` builds
 them all. Three stages, each a stride-carrying transition unit followed by `modules_per_stage[i]` Attention
-Modules (or plain residual units for the ResNet baselines), then optional final units, BN-ReLU, global
-average pooling and a linear classifier (Sec. 4, Table 1).
+Modules (or plain residual units for the ResNet baselines), then optional final units, BN-ReLU (for
+pre-activation units), global average pooling and a linear classifier (Sec. 4, Table 1).
 """
 
 from __future__ import annotations
@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ran.layers import AttentionModule, PreActBottleneck, check_choice
+from ran.layers import Attention, AttentionModule, Learning, Mask, Unit, UnitSpec, check_choice
 from ran.registry import register_model
 
-STEMS = ("imagenet", "cifar")
+Stem = Literal["imagenet", "cifar"]
+STEMS: tuple[str, ...] = get_args(Stem)
 
 
 class ResidualAttentionNet(nn.Module):
@@ -27,10 +29,10 @@ class ResidualAttentionNet(nn.Module):
 
     Args:
         num_classes: classifier outputs.
-        stem: 'imagenet' (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) or 'cifar' (one 3x3 conv).
+        stem: 'imagenet' (7x7/2 conv, BN-ReLU, 3x3/2 max-pool) or 'cifar' (one 3x3 conv, followed by BN-ReLU
+            for post-activation units, which expect an activated input as the ImageNet stem gives them).
         stem_width: output channels of the stem conv.
-        stage_widths: output channels of the three stages (bottleneck width = a quarter, or
-            `bottleneck_ratio` of it).
+        stage_widths: output channels of the three stages (bottleneck width: `bottleneck_ratio` of it).
         stage_strides: stride of each stage's transition unit.
         modules_per_stage: Attention Modules per stage (m in depth = 36m + 20 when all are m).
         units_per_stage: extra plain residual units per stage after the modules (ResNet baselines).
@@ -41,7 +43,11 @@ class ResidualAttentionNet(nn.Module):
         learning: 'arl' H = (1 + M) * T, or 'nal' H = M * T.
         attention: 'mixed', 'channel' or 'spatial' (the mask's activation, Sec. 3.3).
         mask: 'hourglass', 'local', 'cbam', 'cbam_channel', 'cbam_spatial', 'se' or 'none'.
-        groups, bottleneck_ratio: ResNeXt units (groups=32, ratio 1/2 for AttentionNeXt).
+        unit: 'preact' (pre-activation bottleneck units, as in the released Attention-56/92) or 'postact'
+            (post-activation units, as in the released AttentionNeXt-56: the mask heads start with their
+            conv and no BN-ReLU precedes the average pooling); see `ran.layers.UnitSpec`.
+        groups, bottleneck_ratio: the 3x3 conv's groups and the bottleneck width over the output width
+            (ResNeXt units: groups=32, ratio 1/2 for AttentionNeXt).
         in_chans: input channels.
         drop_rate: dropout before the classifier.
         default_input_size: the input size the variant is meant for (summary, benchmarks).
@@ -51,7 +57,7 @@ class ResidualAttentionNet(nn.Module):
         self,
         num_classes: int = 1000,
         *,
-        stem: str = "imagenet",
+        stem: Stem = "imagenet",
         stem_width: int = 64,
         stage_widths: Sequence[int] = (256, 512, 1024),
         stage_strides: Sequence[int] = (1, 2, 2),
@@ -65,9 +71,10 @@ class ResidualAttentionNet(nn.Module):
         t: int = 2,
         r: int = 1,
         bottom_units: int | None = None,
-        learning: str = "arl",
-        attention: str = "mixed",
-        mask: str = "hourglass",
+        learning: Learning = "arl",
+        attention: Attention = "mixed",
+        mask: Mask = "hourglass",
+        unit: Unit = "preact",
         groups: int = 1,
         bottleneck_ratio: float = 0.25,
         in_chans: int = 3,
@@ -91,11 +98,7 @@ class ResidualAttentionNet(nn.Module):
         self.default_input_size = default_input_size
         self.drop_rate = drop_rate
 
-        def make_unit(cin: int, cout: int, stride: int) -> nn.Module:
-            return PreActBottleneck(
-                cin, cout, stride, mid_channels=int(cout * bottleneck_ratio), groups=groups
-            )
-
+        make_unit = UnitSpec(unit, bottleneck_ratio, groups)
         if stem == "imagenet":
             self.stem = nn.Sequential(
                 nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False),
@@ -105,7 +108,12 @@ class ResidualAttentionNet(nn.Module):
             )
             self.stem_stride = 4
         else:
-            self.stem = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
+            conv = nn.Conv2d(in_chans, stem_width, 3, padding=1, bias=False)
+            self.stem = (
+                nn.Sequential(conv, nn.BatchNorm2d(stem_width), nn.ReLU(inplace=True))
+                if make_unit.post_activation
+                else conv
+            )
             self.stem_stride = 1
 
         stages, channels = [], stem_width
@@ -134,7 +142,12 @@ class ResidualAttentionNet(nn.Module):
             stages.append(nn.Sequential(*final))
             channels = final_width
         self.stages = nn.Sequential(OrderedDict((f"stage{i + 1}", s) for i, s in enumerate(stages)))
-        self.norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        # Pre-activation units leave their output un-normalised; post-activation units end with a ReLU.
+        self.norm = (
+            nn.Identity()
+            if make_unit.post_activation
+            else nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        )
         self.num_features = channels
         self.fc = nn.Linear(channels, num_classes)
         self._init_weights()
@@ -287,9 +300,13 @@ def attention92(**kwargs) -> ResidualAttentionNet:
 
 @register_model
 def attention_next56(**kwargs) -> ResidualAttentionNet:
-    """AttentionNeXt-56 for ImageNet: Attention-56 with ResNeXt units (32 groups, bottleneck half the
-    width)."""
-    return _imagenet({"modules_per_stage": (1, 1, 1), "groups": 32, "bottleneck_ratio": 0.5}, **kwargs)
+    """AttentionNeXt-56 for ImageNet as released (AttentionNeXt-56-deploy.prototxt): Attention-56's layout
+    with post-activation ResNeXt units (32 groups, bottleneck half the width), so no BN-ReLU after the stem's
+    pooling (the first unit starts with its conv) nor before the average pooling, and mask heads 1x1
+    conv-BN-ReLU-1x1 conv-sigmoid."""
+    return _imagenet(
+        {"modules_per_stage": (1, 1, 1), "unit": "postact", "groups": 32, "bottleneck_ratio": 0.5}, **kwargs
+    )
 
 
 @register_model

@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ran.layers import Attention, Learning, Mask
 from ran.registry import create_model
 
 __all__ = ["ImageClassifier", "LRFactor", "check_recipe", "effective_batch_size"]
@@ -86,8 +87,11 @@ class ImageClassifier(pl.LightningModule):
     Args:
         arch: registered model name, e.g. 'attention92_cifar', 'attention56' (ImageNet).
         num_classes: classifier outputs; the CLI links it from the datamodule's `num_classes`.
-        attention, learning, mask: the ablations of Sec. 3.3 / 4.1 ('mixed'|'channel'|'spatial', 'arl'|'nal',
-            'hourglass'|'local'|...); None keeps the variant's default.
+        attention: the soft mask's activation (Sec. 3.3); None keeps the variant's default.
+        learning: 'arl', H = (1 + M) * T (Eq. 3), or 'nal', H = M * T (Eq. 1); None keeps the variant's
+            default.
+        mask: the soft mask branch: the paper's 'hourglass' or 'local' (Sec. 4.1), CBAM, SE, or 'none'; None
+            keeps the variant's default.
         model_kwargs: any other keyword argument of the model (e.g. `stage_widths`, `drop_rate`).
         lr: learning rate at `base_batch_size` images per step (0.1 at 64, Sec. 4.1).
         base_batch_size: the global batch size `lr` is given for.
@@ -110,9 +114,9 @@ class ImageClassifier(pl.LightningModule):
         self,
         arch: str = "attention92_cifar",
         num_classes: int = 10,
-        attention: str | None = None,
-        learning: str | None = None,
-        mask: str | None = None,
+        attention: Attention | None = None,
+        learning: Learning | None = None,
+        mask: Mask | None = None,
         model_kwargs: dict[str, Any] | None = None,
         lr: float = 0.1,
         base_batch_size: int = 64,
@@ -130,8 +134,8 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the CLI sends the whole resolved config to the loggers
-        choices = {k: v for k, v in (("attention", attention), ("learning", learning), ("mask", mask)) if v}
-        self.net = create_model(arch, num_classes=num_classes, **choices, **(model_kwargs or {}))
+        switches = {"attention": attention, "learning": learning, "mask": mask}  # None: create_model drops it
+        self.net = create_model(arch, num_classes=num_classes, **{**switches, **(model_kwargs or {})})
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=self.memory_format)
         self._compiled: Any = (

@@ -32,5 +32,7 @@ def model_entrypoint(name: str) -> Callable[..., nn.Module]:
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model `name`; keyword arguments override the variant's defaults, e.g.
-    `create_model("attention92_cifar", num_classes=100, attention="channel", learning="nal")`."""
-    return model_entrypoint(name)(**kwargs)
+    `create_model("attention92_cifar", num_classes=100, attention="channel", learning="nal")`. An argument
+    given as None is left out, so the variant's default applies (callers pass unset switches as they are);
+    each value is checked where the network defines it."""
+    return model_entrypoint(name)(**{k: v for k, v in kwargs.items() if v is not None})

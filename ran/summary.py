@@ -6,22 +6,28 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from ran.layers import ATTENTIONS, LEARNINGS, MASKS
 from ran.markdown import markdown_lines
+from ran.measure import count_macs, count_params
 from ran.registry import create_model, list_models
 
-# Published sizes (parameters in millions, multiply-adds at 224x224 in billions); see shared/paper.md.
+# Sizes given by the paper (parameters in millions, multiply-adds at 224x224 in billions).
 PAPER_SIZES: dict[str, tuple[float | None, float | None]] = {
     "attention56": (31.9, 6.2),
     "attention92": (51.3, 10.4),
-    "attention_next56": (31.32, 6.42),  # the authors' released model file
     "attention92_cifar": (1.9, None),
     "attention236_cifar": (5.1, None),
     "attention452_cifar": (8.6, None),
     "preact_resnet164_cifar": (1.7, None),
     "preact_resnet1001_cifar": (10.3, None),
+}
+# Sizes of the authors' released Caffe model files (fwang91/residual-attention-network, *-deploy.prototxt):
+# exact parameters with 1000 classes, multiply-adds at 224x224 in billions.
+RELEASED_SIZES: dict[str, tuple[int, float]] = {
+    "attention56": (31_810_728, 6.27),
+    "attention92": (52_466_344, 10.53),
+    "attention_next56": (31_318_824, 6.42),
 }
 
 
@@ -42,20 +48,13 @@ class ModelSummary:
     def paper_macs(self) -> float | None:
         return PAPER_SIZES.get(self.name, (None, None))[1]
 
+    @property
+    def released_params(self) -> int | None:
+        return RELEASED_SIZES.get(self.name, (None, None))[0]
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: torch.nn.Module, input_size: int, in_chans: int = 3) -> int:
-    """Forward multiply-adds for one image, from torch's FlopCounterMode (one multiply-add = 2 FLOPs)."""
-    x = torch.zeros(1, in_chans, input_size, input_size)
-    was_training = model.training
-    model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    model.train(was_training)
-    return counter.get_total_flops() // 2
+    @property
+    def released_macs(self) -> float | None:
+        return RELEASED_SIZES.get(self.name, (None, None))[1]
 
 
 def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummary:
@@ -73,13 +72,25 @@ def summarize(name: str, input_size: int | None = None, **kwargs) -> ModelSummar
     )
 
 
-def _fmt(value: float | None, unit: str) -> str:
-    return "-" if value is None else f"{value:.2f}{unit}"
+def _fmt(value: float | None, unit: str, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.2f}{unit}"
 
 
 def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
-    """The table of every model's parameters and multiply-adds beside the paper's figures."""
-    rows = [("model", "input", "params", "paper params", "mult-adds", "paper mult-adds")]
+    """The table of every model's parameters and multiply-adds beside the paper's figures and the released
+    model files' (the authors' Caffe definitions)."""
+    rows = [
+        (
+            "model",
+            "input",
+            "params",
+            "params (paper)",
+            "params (released model file)",
+            "mult-adds",
+            "mult-adds (paper)",
+            "mult-adds (released model file)",
+        )
+    ]
     summaries = sorted(
         (summarize(name) for name in names or list_models()), key=lambda s: (s.input_size, s.params)
     )
@@ -90,8 +101,10 @@ def size_table(names: list[str] | None = None, markdown: bool = True) -> str:
                 f"{s.input_size}x{s.input_size}",
                 _fmt(s.params / 1e6, "M"),
                 _fmt(s.paper_params, "M"),
+                _fmt(s.released_params, "M", 1e6),
                 _fmt(s.macs / 1e9, "G"),
                 _fmt(s.paper_macs, "G"),
+                _fmt(s.released_macs, "G"),
             )
         )
     if markdown:
@@ -104,9 +117,11 @@ def format_summary(s: ModelSummary) -> str:
     lines = [
         f"{s.name}: {s.num_classes} classes, input 3x{s.input_size}x{s.input_size}",
         f"  parameters     {s.params:,} ({s.params / 1e6:.2f}M)"
-        + (f"; paper {s.paper_params}M" if s.paper_params else ""),
+        + (f"; paper {s.paper_params}M" if s.paper_params else "")
+        + (f"; released model file {s.released_params:,}" if s.released_params else ""),
         f"  multiply-adds  {s.macs:,} ({s.macs / 1e9:.3f}G)"
-        + (f"; paper {s.paper_macs}G" if s.paper_macs else ""),
+        + (f"; paper {s.paper_macs}G" if s.paper_macs else "")
+        + (f"; released model file {s.released_macs}G" if s.released_macs else ""),
         "  output shapes (C, H, W):",
     ]
     lines += [f"    {k:8s} {tuple(v)}" for k, v in s.stage_shapes.items()]
@@ -135,18 +150,16 @@ def summary_main(argv: list[str] | None = None) -> int:
         return 0
     if not args.model:
         parser.error("name a model, or pass --all")
-    kwargs = {
-        k: v
-        for k, v in (
-            ("num_classes", args.num_classes),
-            ("attention", args.attention),
-            ("learning", args.learning),
-            ("mask", args.mask),
-        )
-        if v is not None
-    }
     try:
-        print(format_summary(summarize(args.model, args.input_size, **kwargs)))
+        summary = summarize(
+            args.model,
+            args.input_size,
+            num_classes=args.num_classes,
+            attention=args.attention,
+            learning=args.learning,
+            mask=args.mask,
+        )
+        print(format_summary(summary))
     except ValueError as err:
         parser.exit(2, f"ran summary: error: {err}\n")
     return 0

@@ -18,7 +18,7 @@ from conftest import wandb_records
 from PIL import Image
 
 import ran
-from datamodules import CIFAR10_MEAN, CIFAR10_STD
+from datamodules import CIFAR10DataModule
 from experiments import analysis
 from experiments.analysis import (
     AnalysisImages,
@@ -30,8 +30,8 @@ from experiments.analysis import (
     save_mask_pictures,
     stage_responses,
 )
-from ran.cli import WANDB_ID_FILE
 from ran.pictures import mask_grid, mask_range, response_chart
+from ran.rundir import WANDB_ID_FILE
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STAGES = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -161,7 +161,9 @@ def test_networks_with_different_stages_share_a_table():
 def test_one_grid_of_every_attention_module_on_one_colour_scale(tmp_path):
     net = tiny("attention92_cifar")
     images = random_uint8(5)
-    path = save_mask_pictures(net, images, CIFAR10_MEAN, CIFAR10_STD, tmp_path, max_images=4)
+    path = save_mask_pictures(
+        net, images, CIFAR10DataModule.MEAN, CIFAR10DataModule.STD, tmp_path, max_images=4
+    )
     assert path == tmp_path / "masks.png"
     with Image.open(path) as picture:
         assert picture.mode == "RGB" and picture.width > picture.height  # 7 columns, 4 rows
@@ -181,7 +183,9 @@ def test_channel_attention_shares_one_range_over_all_modules():
 
 @pytest.mark.parametrize("mask", ["cbam_channel", "cbam_spatial", "cbam", "none"])
 def test_mask_pictures_of_channel_and_spatial_gates(tmp_path, mask):
-    path = save_mask_pictures(tiny(mask=mask), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    path = save_mask_pictures(
+        tiny(mask=mask), random_uint8(2), CIFAR10DataModule.MEAN, CIFAR10DataModule.STD, tmp_path
+    )
     assert (path is None) == (mask == "none") and path == (None if mask == "none" else tmp_path / "masks.png")
 
 
@@ -195,7 +199,7 @@ def test_mask_pictures_are_logged_to_an_active_wandb_run(tmp_path, monkeypatch):
 
     run = Run()
     monkeypatch.setattr(wandb, "run", run)
-    save_mask_pictures(tiny(), random_uint8(2), CIFAR10_MEAN, CIFAR10_STD, tmp_path)
+    save_mask_pictures(tiny(), random_uint8(2), CIFAR10DataModule.MEAN, CIFAR10DataModule.STD, tmp_path)
     (data,) = run.logged
     assert list(data) == ["masks/analysis"] and isinstance(data["masks/analysis"], wandb.Image)
     ResponseTable({"ARL": {"stem": 1.0, "stage1": 2.0}}).save(tmp_path / "responses")
@@ -220,7 +224,7 @@ def test_images_from_cifar_imagenet_trees_and_random(tmp_path):
     assert isinstance(noise, AnalysisImages) and noise.images.shape == (2, 3, 8, 8)
     assert "random" in noise.source
     assert noise.normalised().dtype == torch.float32
-    with pytest.raises(FileNotFoundError, match="data directory not found: .*nowhere"):
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found: expected .*nowhere"):
         load_analysis_images("cifar10", tmp_path / "nowhere", 2)
 
 

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
+from datamodules import CIFAR10DataModule, ImageNetDataModule, normalize_batch
 from ran.bench import main
+from ran.measure import data_throughput
 from ran.registry import create_model
 
 TINY = '{"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}'
@@ -80,10 +82,55 @@ def test_bench_bf16_uses_the_bf16_gemm(capsys):
     assert "mfu_train_bf16" in result and "mfu_train_fp32" not in result
 
 
-def test_bench_data_mode_measures_the_cifar_pipeline(capsys):
-    result = main(["--data", "cifar10", "--batch-size", "256", "--data-images", "2048"])
-    assert result["data_img_s"] > 0 and result["data_images"] >= 2048
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["data"] == "cifar10"
+def test_bench_data_mode_times_the_cifar_training_batches(cifar10_dir, capsys):
+    # 200 fake training images at batch 32: seven batches, the first (start-up) untimed.
+    result = main(["--data", "cifar10", "--data-dir", str(cifar10_dir), "--batch-size", "32"])
+    assert result["data_img_s"] > 0 and result["data_images"] == 200 - 32
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (last["data"], last["data_workers"]) == ("cifar10", 0)
+    # --data-images stops the timing once that many images have been counted.
+    assert (
+        main(
+            ["--data", "cifar10", "--data-dir", str(cifar10_dir), "--batch-size", "32", "--data-images", "40"]
+        )["data_images"]
+        == 64
+    )
+
+
+def test_bench_data_mode_needs_the_data_folder():
+    with pytest.raises(SystemExit, match="--data cifar10 needs --data-dir"):
+        main(["--data", "cifar10"])
+
+
+def test_train_batches_are_the_augmented_training_batches_on_the_device(cifar10_dir):
+    """`train_batches` is training's path: the shuffled training split, moved to the device, augmented and
+    normalised there; with `augment=False` the same order, normalised only."""
+    batches = {}
+    for augment in (True, False):
+        dm = CIFAR10DataModule(data_dir=str(cifar10_dir), batch_size=32, val_size=0, augment=augment)
+        dm.setup("fit")
+        torch.manual_seed(0)  # the shuffle's order
+        batches[augment] = list(dm.train_batches("cpu"))
+    labels = torch.cat([y for _, y in batches[True]])
+    assert torch.equal(labels.sort().values, dm.train_labels.sort().values)
+    assert torch.equal(labels, torch.cat([y for _, y in batches[False]]))
+    images = torch.cat([x for x, _ in batches[True]])
+    plain = torch.cat([x for x, _ in batches[False]])
+    assert images.dtype == plain.dtype == torch.float32 and images.shape == plain.shape == (200, 3, 32, 32)
+    assert not torch.equal(images, plain)  # cropped and flipped
+    # Unaugmented, each batch image is a normalised training image, with its own label.
+    normalised = normalize_batch(dm.train_dataset.images, dm.mean, dm.std).flatten(1)
+    distance, index = torch.cdist(
+        plain.flatten(1), normalised, compute_mode="donot_use_mm_for_euclid_dist"
+    ).min(1)
+    assert distance.max() < 1e-3 and torch.equal(dm.train_labels[index], labels)
+    assert len(set(index.tolist())) == 200  # every image once
+
+
+def test_data_throughput_counts_the_batches_after_the_first(cifar10_dir):
+    dm = CIFAR10DataModule(data_dir=str(cifar10_dir), batch_size=50, val_size=0)
+    result = data_throughput(dm, torch.device("cpu"), images=10_000)
+    assert result["data_images"] == 150 and result["data_img_s"] > 0
 
 
 def test_bench_epoch_mode_times_a_real_epoch(tmp_path, capsys):
@@ -159,3 +206,9 @@ def test_bench_profile_lists_the_top_operators(capsys):
     assert conv["calls_per_step"] == convs
     out = capsys.readouterr().out
     assert "top 8 operators by self CPU time, per training step:" in out
+
+
+def test_data_throughput_times_the_imagenet_training_batches(imagenet_dir):
+    dm = ImageNetDataModule(data_dir=str(imagenet_dir), batch_size=8, num_workers=0, image_size=32)
+    result = data_throughput(dm, torch.device("cpu"), images=10_000)
+    assert result["data_images"] == 24 - 8 and result["data_img_s"] > 0

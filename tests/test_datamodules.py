@@ -20,19 +20,18 @@ from torchvision.datasets import CIFAR10
 from torchvision.transforms.v2 import functional as TF
 
 from datamodules import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
     CIFAR10DataModule,
     CIFAR100DataModule,
     CIFARDataModuleBase,
     CorruptImageError,
+    DataDirNotAFolderError,
     DatasetIntegrityError,
     DatasetLayoutError,
     DatasetNotFoundError,
     DatasetSizeWarning,
+    DataSettingError,
     ImageNetDataModule,
+    ResumableSampler,
     augment_cifar_batch,
     corrupt_labels,
     crop_flip_batch,
@@ -49,6 +48,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeW
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR10_MEAN, CIFAR10_STD = CIFAR10DataModule.MEAN, CIFAR10DataModule.STD
+CIFAR100_MEAN, CIFAR100_STD = CIFAR100DataModule.MEAN, CIFAR100DataModule.STD
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -106,7 +107,9 @@ def test_cifar10_reads_standard_layout(cifar10_root):
 
 def test_cifar100_reads_fine_labels_and_own_constants(cifar100_root):
     dm = CIFAR100DataModule(str(cifar100_root), val_size=200)
-    assert dm.num_classes == 100 and dm.mean == CIFAR100_MEAN and dm.std == CIFAR100_STD
+    assert (
+        dm.num_classes == 100 and dm.MEAN == (0.5071, 0.4865, 0.4409) and dm.STD == (0.2673, 0.2564, 0.2762)
+    )
     dm.setup()
     assert dm.split_sizes == {"train": 300, "val": 200, "test": 200}
     assert torch.bincount(dm.val_dataset.labels, minlength=100).tolist() == [2] * 100
@@ -169,10 +172,80 @@ def test_missing_data_names_path_layout_and_fix(tmp_path):
     assert isinstance(info.value, FileNotFoundError)
 
 
-def test_data_dir_pointing_at_dataset_folder_suggests_parent(cifar10_root):
+def test_data_dir_may_be_the_dataset_folder_or_its_parent(cifar10_root, tmp_path):
     folder = cifar10_root / "cifar-10-batches-py"
-    with pytest.raises(DatasetNotFoundError, match="pass its parent"):
-        CIFAR10DataModule(str(folder)).prepare_data()
+    for data_dir in (cifar10_root, folder):
+        assert CIFAR10DataModule.resolve_data_dir(data_dir) == cifar10_root
+        assert CIFAR10DataModule.find_dataset(data_dir) == folder
+        dm = CIFAR10DataModule(str(data_dir), val_size=50)
+        dm.prepare_data()
+        dm.setup("test")
+        assert dm.dataset_dir == folder and dm.split_sizes["test"] == 100
+    nested = tmp_path / "cifar-10-batches-py"  # a parent that happens to carry the folder's name
+    datagen.make_cifar10(nested, n_train_per_batch=10, n_test=10)
+    assert CIFAR10DataModule.resolve_data_dir(nested) == nested
+    assert CIFAR10DataModule.resolve_data_dir(tmp_path / "new" / "cifar-10-batches-py") == tmp_path / "new"
+    # ImageNet has no folder name of its own: data_dir is the folder holding train/ and val/.
+    assert ImageNetDataModule.resolve_data_dir(tmp_path) == tmp_path
+
+
+def test_one_missing_message_for_every_command(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as info:
+        CIFAR100DataModule.find_dataset(tmp_path / "nowhere")
+    assert str(info.value) == CIFAR100DataModule.missing_message(tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFoundError) as from_module:
+        CIFAR100DataModule(str(tmp_path / "nowhere")).setup("test")
+    assert str(from_module.value) == str(info.value)
+    message = ImageNetDataModule.missing_message(tmp_path)
+    assert message.startswith("ImageNet not found") and f"{tmp_path}/train/<wnid>/*.JPEG" in message
+
+
+def test_dataset_facts_are_class_attributes():
+    assert (
+        CIFAR10DataModule.NUM_CLASSES,
+        CIFAR100DataModule.NUM_CLASSES,
+        ImageNetDataModule.NUM_CLASSES,
+    ) == (
+        10,
+        100,
+        1000,
+    )
+    assert CIFAR10DataModule.DATASET_FOLDER == "cifar-10-batches-py" == CIFAR10.base_folder
+    assert CIFAR100DataModule.DATASET_FOLDER == "cifar-100-python"
+    assert ImageNetDataModule.DATASET_FOLDER is None
+    assert ImageNetDataModule.MEAN == (0.485, 0.456, 0.406) and ImageNetDataModule.STD == (
+        0.229,
+        0.224,
+        0.225,
+    )
+    assert CIFAR10DataModule.MEAN == (0.4914, 0.4822, 0.4465)
+
+
+def test_data_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    afile = tmp_path / "data"
+    afile.write_text("not a folder")
+    for step in (
+        CIFAR10DataModule(str(afile), download=True).prepare_data,
+        CIFAR10DataModule(str(afile)).setup,
+        ImageNetDataModule(str(afile), num_classes=3).setup,
+        lambda: CIFAR100DataModule.find_dataset(afile),
+    ):
+        with pytest.raises(DataDirNotAFolderError) as info:
+            step()
+        message = str(info.value)
+        assert isinstance(info.value, NotADirectoryError) and "\n" not in message
+        assert f"data_dir {afile} is a file, not a folder" in message and "--data.data_dir" in message
+
+
+def test_val_size_not_smaller_than_training_set_is_one_clear_error(cifar10_root):
+    for val_size in (500, 50_000):
+        dm = CIFAR10DataModule(str(cifar10_root), val_size=val_size)
+        with pytest.raises(DataSettingError) as info:
+            dm.setup("fit")
+        message = str(info.value)
+        assert isinstance(info.value, ValueError) and "\n" not in message
+        assert f"val_size={val_size}" in message and "has 500 images" in message
+        assert "--data.val_size 50" in message
 
 
 def test_missing_batch_file_names_it(tmp_path):
@@ -250,6 +323,20 @@ def test_download_offline_gives_clear_error(tmp_path, monkeypatch):
     message = str(info.value)
     assert CIFAR10.url in message and str(tmp_path) in message and "name resolution" in message
     assert "--data.data_dir" in message
+
+
+def test_download_offline_names_the_missing_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("datamodules.cifar.download_and_extract_archive", offline)
+    folder = datagen.make_cifar10(tmp_path, n_train_per_batch=10, n_test=10)
+    (folder / "test_batch").unlink()
+    with pytest.raises(DatasetNotFoundError) as info:
+        CIFAR10DataModule(str(tmp_path), download=True).prepare_data()
+    message = str(info.value)
+    assert f"{folder} lacks test_batch" in message and "name resolution" in message
+    assert "copy the missing file(s) there" in message and "\n" not in message
 
 
 def test_download_uses_official_archive_and_only_when_absent(tmp_path, monkeypatch):
@@ -382,6 +469,41 @@ def test_loader_accepts_lightning_distributed_sampler(cifar10_root):
     assert not indices[0] & indices[1] and len(indices[0] | indices[1]) == 500
 
 
+def test_training_order_is_seeded_resumable_and_follows_the_trainers_epoch(cifar10_root, monkeypatch):
+    def first_labels(dm) -> list[int]:
+        return next(iter(dm.train_dataloader()))[1].tolist()
+
+    def data(seed=0, epoch=0):
+        dm = CIFAR10DataModule(str(cifar10_root), val_size=50, batch_size=25, seed=seed)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(
+            current_epoch=epoch, world_size=1, global_rank=0, training=True, num_training_batches=18
+        )
+        return dm
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    reference = first_labels(data())
+    assert first_labels(data()) == reference  # no global RNG involved
+    assert first_labels(data(seed=1)) != reference and first_labels(data(epoch=2)) != reference
+    monkeypatch.setenv("PL_GLOBAL_SEED", "8")  # seed_everything's seed changes the order too
+    assert first_labels(data()) != reference
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    dm = data(epoch=2)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.epoch == 2
+    batches = [labels for _, labels in loader]
+    dm.on_after_batch_transfer((torch.zeros(25, 3, 32, 32, dtype=torch.uint8), batches[0]), 0)
+    dm.on_after_batch_transfer((torch.zeros(25, 3, 32, 32, dtype=torch.uint8), batches[1]), 0)
+    state = dm.state_dict()
+    assert state["train_order"] == {"epoch": 2, "batches_consumed": 2, "run_seed": 7}
+    monkeypatch.setenv("PL_GLOBAL_SEED", "9")  # the restored run seed wins over a new one
+    resumed = data(epoch=2)
+    resumed.load_state_dict(state)
+    rest = [labels for _, labels in resumed.train_dataloader()]
+    assert len(rest) == len(batches) - 2 and all(torch.equal(a, b) for a, b in zip(rest, batches[2:]))
+
+
 # ---------------------------------------------------------------------------------------------- augmentation
 def _test_image() -> torch.Tensor:
     """A 3 x 32 x 32 uint8 image with structure: horizontal ramp, vertical ramp, noise."""
@@ -431,22 +553,28 @@ def test_batched_augmentation_matches_reference_in_distribution():
     reference = reference_cifar_transform(CIFAR10_MEAN, CIFAR10_STD)
     ref_mean = torch.stack([reference(image) for _ in range(n)]).mean(0)
     batch = image.expand(n, 3, 32, 32).contiguous()
-    ours_mean = augment_cifar_batch(batch, torch.Generator().manual_seed(1)).mean(0)
+    ours_mean = augment_cifar_batch(batch, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(1)).mean(
+        0
+    )
     tolerance = 0.2  # about 5 standard errors of a per-pixel mean over 4000 copies (normalised units)
     assert (ours_mean - ref_mean).abs().max() < tolerance
     assert (ours_mean - ref_mean).abs().mean() < 0.05
     # Negative controls: without the flip, or with other padding, the difference is far larger.
-    no_flip = augment_cifar_batch(batch, torch.Generator().manual_seed(1), flip=False).mean(0)
+    no_flip = augment_cifar_batch(
+        batch, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(1), flip=False
+    ).mean(0)
     assert (no_flip - ref_mean).abs().max() > 3 * tolerance
-    pad2 = augment_cifar_batch(batch, torch.Generator().manual_seed(1), padding=2).mean(0)
+    pad2 = augment_cifar_batch(
+        batch, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(1), padding=2
+    ).mean(0)
     assert (pad2 - ref_mean).abs().max() > 3 * tolerance
 
 
 def test_augmentation_is_seeded():
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    a = augment_cifar_batch(images, torch.Generator().manual_seed(5))
-    b = augment_cifar_batch(images, torch.Generator().manual_seed(5))
-    c = augment_cifar_batch(images, torch.Generator().manual_seed(6))
+    a = augment_cifar_batch(images, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(5))
+    b = augment_cifar_batch(images, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(5))
+    c = augment_cifar_batch(images, CIFAR10_MEAN, CIFAR10_STD, torch.Generator().manual_seed(6))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -479,27 +607,32 @@ def test_on_after_batch_transfer_train_and_eval(cifar10_root):
     assert torch.equal(no_aug.on_after_batch_transfer(batch, 0)[0], normalised)
 
 
-def test_augmentation_state_survives_checkpoint(cifar10_root):
-    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.zeros(8, dtype=torch.long)
-    dm = CIFAR10DataModule(str(cifar10_root))
-    dm.trainer = _stub_trainer(training=True)
-    dm.on_after_batch_transfer((images, labels), 0)
-    state = dm.state_dict()
-    expected = dm.on_after_batch_transfer((images, labels), 0)[0]
-    resumed = CIFAR10DataModule(str(cifar10_root))
-    resumed.trainer = _stub_trainer(training=True)
-    resumed.load_state_dict(state)
-    assert torch.equal(resumed.on_after_batch_transfer((images, labels), 0)[0], expected)
+def test_augmentation_follows_the_restored_position(cifar10_root):
+    def data(**trainer_args):
+        dm = CIFAR10DataModule(str(cifar10_root), val_size=50, batch_size=25)
+        dm.setup("fit")
+        dm.trainer = SimpleNamespace(
+            **{"current_epoch": 0, "world_size": 1, "global_rank": 0, "training": True}
+            | {"num_training_batches": 18}
+            | trainer_args
+        )
+        return dm
 
-    fresh = CIFAR10DataModule(str(cifar10_root))
-    fresh.trainer = _stub_trainer(training=True)
-    fresh.load_state_dict({"aug_generator_state": torch.zeros(16, dtype=torch.uint8)})  # e.g. a GPU state
-    with pytest.warns(UserWarning, match="reseeding"):
-        out = fresh.on_after_batch_transfer((images, labels), 0)[0]
-    reseeded = CIFAR10DataModule(str(cifar10_root))
-    reseeded.trainer = _stub_trainer(training=True)
-    assert torch.equal(out, reseeded.on_after_batch_transfer((images, labels), 0)[0])
+    dm = data()
+    loader = iter(dm.train_dataloader())
+    first, second = next(loader), next(loader)
+    out_first = dm.on_after_batch_transfer(first, 0)[0]
+    state = dm.state_dict()
+    out_second = dm.on_after_batch_transfer(second, 0)[0]
+    resumed = data()
+    resumed.load_state_dict({**state, "aug_generator_state": torch.zeros(16, dtype=torch.uint8)})  # old key
+    batch = next(iter(resumed.train_dataloader()))
+    assert torch.equal(batch[1], second[1])  # the order resumes at the second batch ...
+    assert torch.equal(resumed.on_after_batch_transfer(batch, 0)[0], out_second)  # ... augmented as before
+    assert not torch.equal(dm.on_after_batch_transfer(first, 0)[0], out_first)  # a later position draws anew
+    other_rank = data(global_rank=1, world_size=2)
+    other_rank.train_dataloader()
+    assert not torch.equal(other_rank.on_after_batch_transfer(first, 0)[0], out_first)
 
 
 class _TinyModel(pl.LightningModule):

@@ -14,7 +14,7 @@ from test_cli import callbacks, cifar_fit, load_ckpt
 
 from experiments.report import seed_state
 from ran.callbacks import AtomicCheckpointIO
-from ran.cli import main
+from ran.cli import ConfigError, check_writable, main
 from ran.rundir import RunDir
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
@@ -177,8 +177,6 @@ def test_a_read_only_run_root_is_a_one_line_error(cifar10_dir, tmp_path, capsys)
 
 
 def test_a_read_only_run_root_check(tmp_path, monkeypatch):
-    from ran.cli import ConfigError, check_writable
-
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     with pytest.raises(
         ConfigError, match=f"{tmp_path} is not a writable directory; choose another --run.root"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import fx, nn
 
 import ran
 from ran.layers import (
@@ -17,11 +19,14 @@ from ran.layers import (
     HourglassMask,
     LocalMask,
     MixedAttention,
+    PostActBottleneck,
     PreActBottleneck,
     SpatialAttention,
+    UnitSpec,
     hourglass_unit_count,
 )
-from ran.summary import count_macs, count_params, summary_main
+from ran.measure import count_macs, count_params
+from ran.summary import summary_main
 
 EXPECTED = Path(__file__).parent / "expected" / "seeded_outputs.json"
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
@@ -67,9 +72,9 @@ def main_path_depth(model: ran.ResidualAttentionNet) -> int:
     for stage in model.stages:
         for block in stage:
             units += (
-                1
-                if isinstance(block, PreActBottleneck)
-                else len(block.pre) + len(block.trunk) + len(block.post)
+                len(block.pre) + len(block.trunk) + len(block.post)
+                if isinstance(block, AttentionModule)
+                else 1
             )
     return 3 * units + 2
 
@@ -121,11 +126,101 @@ def test_multiply_adds_match_the_paper(name, paper_g):
     assert abs(macs - paper_g) / paper_g <= 0.03, f"{name}: {macs:.3f}G vs paper {paper_g}G"
 
 
-def test_released_model_files_are_matched_exactly():
-    """The authors' Caffe files give 31.81M / 6.27G (Attention-56) and 31.32M / 6.42G (AttentionNeXt-56)."""
-    assert round(count_params(ran.create_model("attention56")) / 1e6, 2) == 31.81
-    assert abs(count_params(ran.create_model("attention_next56")) / 31.32e6 - 1) < 0.001
-    assert round(count_macs(ran.create_model("attention_next56"), 224) / 1e9, 2) == 6.42
+@pytest.mark.parametrize(
+    "name,params,macs_g",
+    [
+        ("attention56", 31_810_728, 6.27),
+        ("attention92", 52_466_344, 10.53),
+        ("attention_next56", 31_318_824, 6.42),
+    ],
+)
+def test_released_model_files_are_matched_exactly(name, params, macs_g):
+    """The authors' released Caffe files (*-deploy.prototxt): exact parameters (1000 classes) and
+    multiply-adds at 224x224 to the figure's precision."""
+    model = ran.create_model(name)
+    assert count_params(model) == params
+    assert round(count_macs(model, 224) / 1e9, 2) == macs_g
+
+
+# --- unit layouts (the released files' BN and ReLU placement) ----------------------------------------------
+
+
+def layer_sequence(module: nn.Module) -> list[str]:
+    """What `module.forward` runs, in order: submodule names and functions (torch.fx)."""
+    nodes = fx.symbolic_trace(module).graph.nodes
+    return [
+        n.target if n.op == "call_module" else n.target.__name__
+        for n in nodes
+        if n.op in ("call_module", "call_function")
+    ]
+
+
+POSTACT = ["conv1", "bn1", "relu", "conv2", "bn2", "relu", "conv3", "bn3"]
+PREACT = ["bn1", "relu", "conv1", "bn2", "relu", "conv2", "bn3", "relu", "conv3", "add"]
+
+
+def test_attention_next56_is_built_from_the_released_post_activation_resnext_units():
+    """AttentionNeXt-56-deploy.prototxt: 1x1 conv-BN-ReLU, grouped 3x3 conv (the stride)-BN-ReLU, 1x1 conv-BN,
+    a 1x1 conv-BN projection shortcut, a ReLU after the sum; 110 convolutions and 107 BatchNorms in all."""
+    net = ran.create_model("attention_next56")
+    units = [m for m in net.modules() if isinstance(m, (PreActBottleneck, PostActBottleneck))]
+    assert len(units) == 33 and all(isinstance(u, PostActBottleneck) for u in units)
+    transition = net.stages.stage2[0]  # 256 -> 512 channels at stride 2
+    assert layer_sequence(transition) == [*POSTACT, "shortcut.0", "shortcut.1", "add", "relu"]
+    assert [type(m) for m in transition.shortcut] == [nn.Conv2d, nn.BatchNorm2d]
+    assert transition.shortcut[0].stride == transition.conv2.stride == (2, 2) and transition.conv1.stride == (
+        1,
+        1,
+    )
+    assert (transition.conv1.out_channels, transition.conv2.groups, transition.conv3.out_channels) == (
+        256,
+        32,
+        512,
+    )
+    identity = net.stages.stage2[1].trunk[0]
+    assert identity.shortcut is None and layer_sequence(identity) == [*POSTACT, "add", "relu"]
+    counts = Counter(type(m) for m in net.modules())
+    assert (counts[nn.Conv2d], counts[nn.BatchNorm2d]) == (110, 107)
+
+
+def test_attention_next56_stem_mask_heads_and_end_are_as_released():
+    """No BN-ReLU after the stem's pooling (the first unit starts with its conv) nor before the average
+    pooling; mask heads 1x1 conv-BN-ReLU-1x1 conv-sigmoid."""
+    net = ran.create_model("attention_next56")
+    assert [type(m) for m in net.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    assert layer_sequence(net.stages.stage1[0])[0] == "conv1"
+    assert isinstance(net.norm, nn.Identity)
+    heads = [m.mask.head for m in net.attention_modules.values()]
+    assert len(heads) == 3
+    for head in heads:
+        assert [type(m) for m in head] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, MixedAttention]
+
+
+def test_attention56_keeps_the_released_pre_activation_units():
+    net = ran.create_model("attention56")
+    assert layer_sequence(net.stages.stage2[0]) == [*PREACT[:2], "shortcut", *PREACT[2:]]
+    assert layer_sequence(net.stages.stage2[1].trunk[0]) == PREACT
+    assert [type(m) for m in net.norm] == [nn.BatchNorm2d, nn.ReLU]
+    head = net.stages.stage1[1].mask.head
+    assert [type(m) for m in head] == [
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Conv2d,
+        MixedAttention,
+    ]
+
+
+def test_any_variant_can_use_post_activation_units():
+    torch.manual_seed(0)
+    model = ran.create_model("attention56_cifar", unit="postact", groups=2, bottleneck_ratio=0.5, **TINY)
+    assert [type(m) for m in model.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    units = [m for m in model.modules() if isinstance(m, (PreActBottleneck, PostActBottleneck))]
+    assert units and all(isinstance(u, PostActBottleneck) for u in units)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 # --- gradients ----------------------------------------------------------------------------------------------
@@ -237,7 +332,7 @@ def test_channel_mask_has_unit_norm_at_every_position():
 
 @pytest.mark.parametrize("size", [(15, 15), (9, 13), (8, 8), (57, 56)])
 def test_hourglass_upsamples_to_the_exact_size(size):
-    mask = HourglassMask(8, PreActBottleneck, r=1, pool_levels=3, bottom_units=2, attention="mixed")
+    mask = HourglassMask(8, UnitSpec(), r=1, pool_levels=3, bottom_units=2, attention="mixed")
     x = torch.randn(2, 8, *size)
     assert mask(x, x).shape == x.shape
 
@@ -287,6 +382,55 @@ def test_cbam_mask_times_trunk_is_cbam():
         f1 = cbam.channel_gate(t) * t
         expected = cbam.spatial_gate(f1) * f1
         torch.testing.assert_close(cbam(t, t) * t, expected)
+
+
+class OfficialCBAM(nn.Module):
+    """CBAM laid out as its official code (Jongchan/attention-module, MODELS/cbam.py), condensed:
+    ChannelGate's shared MLP of Linear layers over the avg- and max-pooled descriptors; SpatialGate's
+    ChannelPool cat(max, mean), 7x7 BasicConv with BN(eps=1e-5, momentum=0.01), no ReLU; sigmoid."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.ChannelGate = nn.Module()
+        self.ChannelGate.mlp = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels)
+        )
+        self.SpatialGate = nn.Module()
+        self.SpatialGate.spatial = nn.Module()
+        self.SpatialGate.spatial.conv = nn.Conv2d(2, 1, 7, padding=3, bias=False)
+        self.SpatialGate.spatial.bn = nn.BatchNorm2d(1, eps=1e-5, momentum=0.01, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size, mlp = x.shape[2:], self.ChannelGate.mlp
+        x = x * torch.sigmoid(mlp(F.avg_pool2d(x, size)) + mlp(F.max_pool2d(x, size)))[:, :, None, None]
+        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+        spatial = self.SpatialGate.spatial
+        return x * torch.sigmoid(spatial.bn(spatial.conv(pooled)))
+
+
+def test_official_cbam_weights_load_and_give_its_output():
+    torch.manual_seed(0)
+    official = OfficialCBAM(64)
+    for p in official.parameters():  # BN weight and bias too, so a swapped channel or parameter shows
+        nn.init.uniform_(p, -0.5, 0.5)
+    ours = ran.create_model("attention56_cifar", mask="cbam").stages.stage1[1].mask
+    names = {"ChannelGate.mlp.1": "channel_gate.mlp.0", "ChannelGate.mlp.3": "channel_gate.mlp.2"}
+    names |= {"SpatialGate.spatial.conv": "spatial_gate.conv", "SpatialGate.spatial.bn": "spatial_gate.bn"}
+    state = {}
+    for key, value in official.state_dict().items():
+        module, leaf = key.rsplit(".", 1)
+        target = f"{names[module]}.{leaf}"
+        state[target] = value.reshape(ours.state_dict()[target].shape)  # Linear (out, in) -> 1x1 conv
+    ours.load_state_dict(state)
+    t = torch.randn(4, 64, 8, 8) * 2
+    for mode in (True, False):  # batch statistics (and the running-average update), then running ones
+        official.train(mode), ours.train(mode)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(t, t) * t, official(t))
+        torch.testing.assert_close(
+            ours.spatial_gate.bn.running_mean, official.SpatialGate.spatial.bn.running_mean
+        )
 
 
 def test_no_mask_is_the_plain_trunk_of_equal_depth():
@@ -374,6 +518,20 @@ def test_bad_arguments_name_the_valid_choices(kwargs, words):
         ran.create_model("attention56_cifar", **kwargs)
     for word in words:
         assert word in str(err.value)
+
+
+def test_unset_switches_are_dropped_by_create_model():
+    torch.manual_seed(0)
+    unset = ran.create_model("attention56_cifar", attention=None, learning=None, mask=None, num_classes=None)
+    torch.manual_seed(0)
+    default = ran.create_model("attention56_cifar")
+    assert unset.num_classes == 10 and str(unset) == str(default)
+    assert all(torch.equal(a, b) for a, b in zip(unset.state_dict().values(), default.state_dict().values()))
+
+
+def test_unknown_unit_names_the_valid_choices():
+    with pytest.raises(ValueError, match="unknown unit 'resnext'; valid choices: 'preact', 'postact'"):
+        ran.create_model("attention56", unit="resnext")
 
 
 def test_unknown_model_lists_the_known_ones():

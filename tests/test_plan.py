@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-import ran.bench
-import ran.summary
+import experiments.plan
 from experiments.__main__ import main as experiments_main
 from experiments.plan import measure_steps, plan, run_costs
 from experiments.suites import load_suite, suite_names
+from ran.measure import count_macs
 from ran.registry import create_model
-from ran.summary import count_macs
 
 QUARTER = {"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}  # the cifar cpu-mini overlay
 
@@ -20,7 +19,9 @@ QUARTER = {"stage_widths": [16, 32, 64], "stem_width": 8, "final_width": 64}  # 
 def fake_macs(monkeypatch):
     """Counting the ImageNet networks' FLOPs takes seconds each: where only the recipe is under test, a
     stand-in gives each network a multiply-add count of one per weight-carrying parameter."""
-    monkeypatch.setattr(ran.summary, "count_macs", lambda net, size: sum(p.numel() for p in net.parameters()))
+    monkeypatch.setattr(
+        experiments.plan, "count_macs", lambda net, size: sum(p.numel() for p in net.parameters())
+    )
 
 
 def test_costs_follow_the_merged_config_and_count_the_networks_flops():
@@ -60,13 +61,13 @@ def test_cifar100_runs_have_a_hundred_classes(fake_macs):
 
 def test_measure_times_each_network_once_on_this_device(monkeypatch):
     calls = []
-    real = ran.bench.train_step_times
+    real = experiments.plan.train_step_times
 
     def spy(arch, **kwargs):
         calls.append((arch, kwargs["model_kwargs"]["mask"], kwargs["channels_last"], kwargs["batch_size"]))
         return real(arch, **kwargs)
 
-    monkeypatch.setattr(ran.bench, "train_step_times", spy)
+    monkeypatch.setattr(experiments.plan, "train_step_times", spy)
     costs = run_costs(load_suite("table4"), "cpu-mini")
     twice = costs + run_costs(load_suite("table4"), "cpu-mini")
     measure_steps(twice, steps=2)

@@ -31,7 +31,6 @@ from experiments.analysis.images import (
     DATASETS,
     AnalysisImages,
     load_analysis_images,
-    missing_data_dir,
 )
 from experiments.analysis.masks import save_mask_pictures
 from experiments.analysis.networks import (
@@ -180,9 +179,19 @@ def _run_directories(args: argparse.Namespace) -> list[RunDirectory]:
 
 
 def _check_data_dir(args: argparse.Namespace) -> None:
-    """Fail before any network is built or loaded if --data-dir names no folder."""
-    if args.data_dir is not None and not Path(args.data_dir).expanduser().is_dir():
-        raise AnalysisError(missing_data_dir(Path(args.data_dir).expanduser(), args.dataset))
+    """Fail before any network is built or loaded if --data-dir does not hold the dataset (the datamodule's
+    own rule and message, as `ran fit` applies them) or, with no --dataset yet, names no folder."""
+    if args.data_dir is None:
+        return
+    if args.dataset is not None:
+        try:
+            DATAMODULES[args.dataset].find_dataset(args.data_dir)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise AnalysisError(str(err)) from None
+    elif not Path(args.data_dir).expanduser().is_dir():
+        raise AnalysisError(
+            f"--data-dir {args.data_dir} is not a folder. Fix: pass the folder of the dataset"
+        )
 
 
 def _images_for(net: nn.Module, args: argparse.Namespace) -> AnalysisImages:

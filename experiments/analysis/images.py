@@ -4,38 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
 
-from datamodules import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    ImageNetDataModule,
-    normalize_batch,
-)
+from datamodules import CIFAR10DataModule, CIFAR100DataModule, ImageNetDataModule, normalize_batch
 from datamodules.imagenet import eval_resize_size
 
 __all__ = [
     "DATAMODULES",
     "DATASETS",
-    "NORMALISATION",
     "AnalysisImages",
     "load_analysis_images",
-    "missing_data_dir",
 ]
 
 DATAMODULES = {"cifar10": CIFAR10DataModule, "cifar100": CIFAR100DataModule, "imagenet": ImageNetDataModule}
 DATASETS = tuple(DATAMODULES)
-NORMALISATION = {
-    "cifar10": (CIFAR10DataModule.mean, CIFAR10DataModule.std),
-    "cifar100": (CIFAR100DataModule.mean, CIFAR100DataModule.std),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-}
-LAYOUTS = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "imagenet": "train/ and val/"}
 
 
 @dataclass
@@ -61,7 +45,8 @@ def load_analysis_images(
         raise ValueError(f"unknown dataset {dataset!r}; valid choices: {', '.join(DATASETS)}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    mean, std = NORMALISATION[dataset]
+    module = DATAMODULES[dataset]
+    mean, std = module.MEAN, module.STD
     if data_dir is None:
         generator = torch.Generator().manual_seed(seed)
         images = torch.randint(
@@ -72,9 +57,7 @@ def load_analysis_images(
             f"given), normalised with {dataset} statistics"
         )
         return AnalysisImages(images, mean, std, source)
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise FileNotFoundError(missing_data_dir(data_dir, dataset))
+    data_dir = module.find_dataset(data_dir)  # the one data_dir rule and message of every command
     if dataset == "imagenet":
         dm = ImageNetDataModule(str(data_dir), num_workers=0, pin_memory=False, eval_size=image_size)
         dm.setup("test")
@@ -94,24 +77,8 @@ def load_analysis_images(
             f"centre-cropped to {image_size}x{image_size}"
         )
         return AnalysisImages(images, mean, std, source)
-    module = DATAMODULES[dataset]
-    if not (data_dir / module.base_folder).is_dir() and data_dir.name == module.base_folder:
-        data_dir = data_dir.parent  # the dataset folder itself was given
     dm = module(data_dir=str(data_dir))
     dm.setup("test")
     images = dm.test_dataset.images[:num_images]
-    source = f"the first {images.shape[0]} {module.dataset_name} test images of {dm.dataset_dir}"
+    source = f"the first {images.shape[0]} {module.DATASET_NAME} test images of {dm.dataset_dir}"
     return AnalysisImages(images, mean, std, source)
-
-
-def missing_data_dir(data_dir: Path, dataset: str | None) -> str:
-    """The one-line error for a --data-dir that names no folder."""
-    if dataset:
-        layout = f"{LAYOUTS[dataset]} ({dataset})"
-    else:
-        layout = ", ".join(f"{LAYOUTS[name]} ({name})" for name in ("cifar10", "cifar100"))
-        layout += f" or {LAYOUTS['imagenet']} (imagenet)"
-    return (
-        f"data directory not found: {data_dir}. Fix: pass --data-dir the folder that contains {layout}, "
-        "or leave --data-dir out to use random images"
-    )
