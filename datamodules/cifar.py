@@ -531,8 +531,11 @@ class CIFARDataModuleBase(ImageDataModule):
             return augment_cifar_batch(images, self.MEAN, self.STD, generator=generator)
         return normalize_batch(images, self.MEAN, self.STD)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Turn a uint8 batch on the device into float normalised images; augment it while training."""
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Turn a uint8 batch on the device into float normalised images; augment it while training.
+        A batch of images alone (the model summary's `example_input_array`) is normalised."""
+        if isinstance(batch, torch.Tensor):
+            return self.prepare_batch(batch, train=False)
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
         images = self.prepare_batch(images, train=training)

@@ -4,7 +4,7 @@ python -m experiments list
 python -m experiments run table3 --budget paper --launcher slurm --partition gpu --seeds 0 1 2 --array
 python -m experiments run arl_vs_nal --budget cpu-mini --data-dir ../shared/data --parallel 1
 python -m experiments run table3 --budget paper --launcher list > commands.txt
-python -m experiments report table3 --budget paper
+python -m experiments report table3 --budget paper --wandb
 python -m experiments plan table3 --budget paper --measure
 python -m experiments plan all --budget paper cpu-mini
 python -m experiments responses --model attention164_cifar --compare learning=arl,nal
@@ -72,7 +72,15 @@ def _parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="the suite's table beside the paper's, from the run directories")
     common(rep)
-    rep.add_argument("--out", type=Path, help="where to write the .md and .csv (default: the suite's folder)")
+    rep.add_argument(
+        "--out", type=Path, help="where to write the .md, .csv and .png (default: the suite's folder)"
+    )
+    rep.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log the table and chart to W&B (a run of job type 'report' in the suite's group; online "
+        "with an API key, else offline into the --out folder)",
+    )
 
     plan = sub.add_parser(
         "plan", help="runs, iterations, training FLOPs and device-hours of a suite under budgets"
@@ -119,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args, suite)
         if args.command == "report":
-            from experiments.report import report
+            from experiments.report import chart_path, report
 
-            text, md, csv_path = report(suite, args.budget, args.root, args.out, args.seeds)
+            text, md, csv_path = report(
+                suite, args.budget, args.root, args.out, args.seeds, to_wandb=args.wandb
+            )
             print(text)
-            print(f"written: {md}, {csv_path}")
+            print(f"written: {md}, {csv_path}, {chart_path(md)}" + ("; logged to W&B" if args.wandb else ""))
             return 0
         raise AssertionError(args.command)
     except (SuiteError, ConfigError, RuntimeError, FileNotFoundError) as err:

@@ -2,13 +2,15 @@
 or a job array over the seeds of each run), or as a plain list of commands for any other scheduler.
 
 Every run is `ran fit` on its config plus the budget overlay, then `ran test` of its best checkpoint. Its
-directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite and its tags the suite
-and its factors (from suite.yaml), so a dashboard groups and compares the runs. Its resolved config (devices,
-nodes, network) comes from `ran.config.resolve_config`, the parser that runs the job.
+directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite, its tags the suite
+and its factors (from suite.yaml), and the suite, budget and factors are config keys (`run.suite`,
+`run.budget`, `run.factors`), so a dashboard groups, filters and compares the runs. Its resolved config
+(devices, nodes, network) comes from `ran.config.resolve_config`, the parser that runs the job.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -70,6 +72,12 @@ class Job:
             self.suite.name,
             "--run.tags",
             "[" + ",".join(self.suite.tags(self.run)) + "]",
+            "--run.suite",
+            self.suite.name,
+            "--run.budget",
+            self.budget,
+            "--run.factors",
+            json.dumps(self.run.factors, separators=(",", ":")),
             *self.extra,
         ]
 

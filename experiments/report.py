@@ -3,10 +3,12 @@
 Each run directory holds `results.json`, written by `ran` during and at the end of `fit` and of `test` (see
 `ran.rundir` and `ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a
 budget (no network needed), and writes a markdown and a CSV table with the measured figure (mean and spread
-over seeds), the paper's figure beside it and the difference. Only a run whose fit finished and whose test
-ran counts: one never started is "missing"; one still running or stopped is "unfinished (step s/n)";
-"interrupted", "diverged" and "failed" runs are shown as such, never with an error rate; a results.json
-that cannot be read is "unreadable", with a warning naming it, and the rest of the report still prints.
+over seeds), the paper's figure beside it and the difference, and a PNG chart of the same; with `--wandb` the
+table and chart also go to W&B, as a run of job type "report" in the suite's group. Only a run whose fit
+finished and whose test ran counts: one never started is "missing"; one still running or stopped is
+"unfinished (step s/n)"; "interrupted", "diverged" and "failed" runs are shown as such, never with an error
+rate; a results.json that cannot be read is "unreadable", with a warning naming it, and the rest of the
+report still prints.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import statistics
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import wandb
+from PIL import Image
 
 from experiments.suites import Run, Suite
 from ran.markdown import markdown_lines
+from ran.pictures import report_chart
 from ran.rundir import RunDir, UnreadableResults
+from ran.tracking import new_wandb_id, wandb_mode
 
 
 @dataclass
@@ -128,14 +136,7 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
     header = [suite.rows]
     for col in columns:
         for metric in suite.metrics:
-            prefix = " ".join(
-                x
-                for x in (
-                    f"{suite.columns}={col}" if suite.columns else "",
-                    metric if len(suite.metrics) > 1 else "",
-                )
-                if x
-            )
+            prefix = _series(suite, col, metric)
             header += [f"{prefix} measured".strip(), f"{prefix} paper".strip(), f"{prefix} diff".strip()]
     lines = [
         f"### {suite.title}",
@@ -167,54 +168,152 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
     return "\n".join(lines + markdown_lines(header, table)) + "\n"
 
 
+def _series(suite: Suite, column: str, metric: str) -> str:
+    """The name of one column factor value and metric of the table ('' for a suite of one column)."""
+    parts = (f"{suite.columns}={column}" if suite.columns else "", metric if len(suite.metrics) > 1 else "")
+    return " ".join(x for x in parts if x)
+
+
+def chart(suite: Suite, budget: str, cells: list[Cell]) -> Image.Image:
+    """The report as a picture (:func:`ran.pictures.report_chart`): per row factor value, each column's
+    measured mean (its spread over seeds as an error bar) beside the paper's figure."""
+    groups: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {}
+    for cell in sorted(cells, key=lambda c: _natural(str(c.run.factors.get(suite.rows)))):
+        column = str(cell.run.factors.get(suite.columns, "")) if suite.columns else ""
+        series = _series(suite, column, cell.metric) or suite.metric_label
+        groups.setdefault(str(cell.run.factors.get(suite.rows)), {})[series] = (
+            cell.mean,
+            cell.std,
+            cell.paper,
+        )
+    return report_chart(
+        groups,
+        ylabel=suite.metric_label,
+        title=f"{suite.title}\n{suite.paper_ref}; budget {budget}",
+        xlabel=suite.rows,
+    )
+
+
 def _natural(value: str):
     return (0, float(value), "") if value.replace(".", "", 1).isdigit() else (1, 0.0, value)
 
 
+def table_rows(suite: Suite, budget: str, cells: list[Cell]) -> tuple[list[str], list[list[Any]]]:
+    """The report as one row per run and metric (the CSV file and the W&B table): header and rows."""
+    factor_keys = sorted({k for c in cells for k in c.run.factors})
+    header = [
+        "suite",
+        "budget",
+        "run",
+        *factor_keys,
+        "metric",
+        "status",
+        "seeds",
+        "n",
+        "mean",
+        "std",
+        "paper",
+    ]
+    rows = [
+        [
+            suite.name,
+            budget,
+            c.run.name,
+            *[c.run.factors.get(k, "") for k in factor_keys],
+            c.metric,
+            c.status,
+            " ".join(map(str, c.seeds)),
+            len(c.values),
+            c.mean,
+            c.std,
+            c.paper,
+            c.diff,
+        ]
+        for c in cells
+    ]
+    return [*header, "diff"], rows
+
+
 def write_csv(path: Path, suite: Suite, budget: str, cells: list[Cell]) -> None:
+    header, rows = table_rows(suite, budget, cells)
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(
-            [
-                "suite",
-                "budget",
-                "run",
-                *sorted({k for c in cells for k in c.run.factors}),
-                "metric",
-                "status",
-                "seeds",
-                "n",
-                "mean",
-                "std",
-                "paper",
-                "diff",
-            ]
-        )
-        factor_keys = sorted({k for c in cells for k in c.run.factors})
-        for c in cells:
+        writer.writerow(header)
+        for row in rows:
+            *first, mean, std, paper, diff = row
             writer.writerow(
                 [
-                    suite.name,
-                    budget,
-                    c.run.name,
-                    *[c.run.factors.get(k, "") for k in factor_keys],
-                    c.metric,
-                    c.status,
-                    " ".join(map(str, c.seeds)),
-                    len(c.values),
-                    "" if c.mean is None else f"{c.mean:.4f}",
-                    "" if c.std is None else f"{c.std:.4f}",
-                    "" if c.paper is None else c.paper,
-                    "" if c.diff is None else f"{c.diff:.4f}",
+                    *first,
+                    "" if mean is None else f"{mean:.4f}",
+                    "" if std is None else f"{std:.4f}",
+                    "" if paper is None else paper,
+                    "" if diff is None else f"{diff:.4f}",
                 ]
             )
 
 
+def log_to_wandb(
+    suite: Suite, budget: str, cells: list[Cell], picture: Path, root: Path, out_dir: Path
+) -> str:
+    """Log the report to W&B as a run of job type 'report' in the suite's group (the group of its runs): the
+    table as `report/table` (a wandb.Table of :func:`table_rows`) and the chart as `report/chart`. One W&B run
+    per suite and budget, its id kept in `<out>/<suite>-<budget>.wandb_id`, so a later report adds a step to
+    the same run. Online or offline as `ran` decides (:func:`ran.tracking.wandb_mode`); project and entity are
+    those of the suite's runs (`run.project`, `run.entity` of the first run directory's config.yaml).
+    Returns the W&B run's id."""
+    settings = next(
+        (
+            RunDir(d).read_config().get("run") or {}
+            for d in sorted((root / suite.name / budget).glob("*/seed*"))
+            if RunDir(d).config_file().is_file()
+        ),
+        {},
+    )
+    id_file = out_dir / f"{suite.name}-{budget}.wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else new_wandb_id()
+    header, rows = table_rows(suite, budget, cells)
+    run = wandb.init(
+        id=run_id,
+        resume="allow",
+        dir=out_dir,
+        mode=wandb_mode(),
+        project=settings.get("project"),
+        entity=settings.get("entity"),
+        group=suite.name,
+        job_type="report",
+        name=f"{suite.name}-{budget}-report",
+        tags=[suite.name, f"budget={budget}"],
+        config={
+            "suite": suite.name,
+            "budget": budget,
+            "metrics": list(suite.metrics),
+            "paper_ref": suite.paper_ref,
+        },
+    )
+    try:
+        run.log(
+            {
+                "report/table": wandb.Table(columns=header, data=rows),
+                "report/chart": wandb.Image(str(picture)),
+            }
+        )
+    finally:
+        run.finish()
+    id_file.write_text(run_id + "\n")
+    return run_id
+
+
 def report(
-    suite: Suite, budget: str, root: Path, out_dir: Path | None = None, seeds: list[int] | None = None
+    suite: Suite,
+    budget: str,
+    root: Path,
+    out_dir: Path | None = None,
+    seeds: list[int] | None = None,
+    to_wandb: bool = False,
 ) -> tuple[str, Path, Path]:
-    """Build the suite's tables; write `<out>/<suite>-<budget>.md` and `.csv`; return the markdown and
-    paths."""
+    """Build the suite's tables; write `<out>/<suite>-<budget>.md`, `.csv` and the chart `.png` (see
+    :func:`chart`), and with `to_wandb` log the table and chart to W&B (:func:`log_to_wandb`); return the
+    markdown and the paths of the markdown and CSV files."""
     cells = collect(suite, budget, root, seeds)
     text = markdown_table(suite, budget, cells)
     out_dir = out_dir or root / suite.name / budget
@@ -222,4 +321,13 @@ def report(
     md, csv_path = out_dir / f"{suite.name}-{budget}.md", out_dir / f"{suite.name}-{budget}.csv"
     md.write_text(text)
     write_csv(csv_path, suite, budget, cells)
+    picture = chart_path(md)
+    chart(suite, budget, cells).save(picture)
+    if to_wandb:
+        log_to_wandb(suite, budget, cells, picture, root, out_dir)
     return text, md, csv_path
+
+
+def chart_path(markdown: Path) -> Path:
+    """Where the chart of a report lies: beside its markdown file, as `.png`."""
+    return markdown.with_suffix(".png")

@@ -7,21 +7,40 @@
 
 Config inheritance (`__base__`) and the resolved config: see `ran.config`.
 
-Runs: each run lives in `<run.root>/<run.name>` (default `runs/<name>`): `config.yaml` (the resolved config),
-`checkpoints/best.ckpt` (by val/acc1) and `checkpoints/last.ckpt`, `results.json` (final metrics, see
-`ran.results`), the W&B files under `wandb/` (and `wandb_run_id`, so that a resumed run continues the same W&B
-run) or `csv/version_N/metrics.csv`.
+Runs: each run lives in `<run.root>/<run.name>` (default `runs/<name>`): `config.yaml` (the resolved config;
+`config_<stage>.yaml` for validate/test/predict), `checkpoints/best.ckpt` (by val/acc1) and
+`checkpoints/last.ckpt`, `results.json` (final metrics, see `ran.results`), the W&B files under `wandb/` or
+`csv/version_N/metrics.csv`.
 `ran fit` refuses an existing run directory unless it resumes (`--ckpt_path last|best|PATH`, or a SLURM
 requeue that left `hpc_ckpt_N.ckpt`) or `--run.overwrite true` is given.
+
+The W&B record: each stage of a run is a W&B run of its own, in the run's group (`--run.group`) and with the
+stage as its `job_type`: `ran fit` logs to `<name>` (its id kept in `wandb_run_id`, so a resumed fit continues
+it), `ran validate|test|predict` to `<name>-<stage>` (id in `wandb_run_id_<stage>`; testing again continues
+that run). Testing therefore never rewrites the fit's config, and a dashboard filters stages by job type. Each
+W&B run's config is the resolved config that stage ran with, plus `meta`: the stage, the `-c` config files,
+the seed, the git commit and whether the checkout had changes, the package versions and, for the evaluating
+stages, the fit's W&B id; `run.suite`, `run.budget` and `run.factors` are set by `python -m experiments run`.
+
+Loggers: `--run.logger wandb|csv|none` picks ran's logger; `--trainer.logger` adds more (e.g. a
+TensorBoardLogger). A WandbLogger or CSVLogger given there gets ran's settings (run directory, W&B id, name,
+project, `--run.entity`, group, tags, job type) for every argument it leaves at its default, so W&B options
+such as `--trainer.logger.log_model all` pass through; one of the same kind as `--run.logger` replaces ran's.
+With any logger, the learning rate and Lightning's ThroughputMonitor (images/s; FLOPs/s and MFU on GPUs whose
+peak Lightning knows) are logged too.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import inspect
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +49,8 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lightning_fabric.plugins.environments import SLURMEnvironment
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning_fabric.utilities.throughput import measure_flops
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
@@ -53,7 +73,7 @@ from ran.callbacks import (
 from ran.config import ConfigError, resolve_config_args
 from ran.mask_monitor import SoftMaskMonitor
 from ran.module import ImageClassifier
-from ran.registry import list_models
+from ran.registry import create_model, list_models
 from ran.results import ResultsWriter
 from ran.rundir import RunDir, UnreadableCheckpoint, checkpoint_problem
 from ran.summary import summary_main
@@ -64,7 +84,11 @@ __all__ = [
     "RunConfig",
     "is_launch_rank_zero",
     "main",
+    "run_meta",
 ]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VERSIONED_PACKAGES = ("torch", "pytorch_lightning", "torchmetrics", "torchvision", "wandb", "ran")
 
 
 # --- runs --------------------------------------------------------------------------------------------------
@@ -77,10 +101,15 @@ class RunConfig:
     Args:
         name: run name: the directory `<root>/<name>` and the W&B run name (default: the model's arch).
         root: folder holding the run directories.
-        logger: 'wandb' (offline when no API key is configured or WANDB_MODE says so), 'csv' or 'none'.
+        logger: 'wandb' (offline when no API key is configured or WANDB_MODE says so), 'csv' or 'none'; a
+            logger given with --trainer.logger is added to it (or, of the same kind, replaces it).
         project: W&B project.
+        entity: W&B entity (user or team; default: the API key's default entity).
         group: W&B group (e.g. the dataset, or an ablation's name).
         tags: W&B tags.
+        suite: the experiment suite the run belongs to (set by `python -m experiments run`).
+        budget: the suite's budget (paper, cpu-mini, smoke; set by the launcher).
+        factors: the run's factors within its suite, e.g. {learning: nal, depth: 92} (set by the launcher).
         overwrite: `ran fit` deletes an existing run directory of the same name and starts afresh.
         checkpoint_every_n_steps: also save checkpoints/last.ckpt every this many optimizer steps (it is
             saved after every validation, at the end and on SIGTERM/SIGINT anyway); 0 turns it off.
@@ -92,8 +121,12 @@ class RunConfig:
     root: str = "runs"
     logger: Literal["wandb", "csv", "none"] = "wandb"
     project: str = "residual-attention"
+    entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    suite: str | None = None
+    budget: str | None = None
+    factors: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     checkpoint_every_n_steps: int = 1000
     allow_unfinished: bool = False
@@ -141,13 +174,75 @@ def _describe(net: dict[str, Any]) -> str:
     return f"{net['arch']} with {net['num_classes']} classes" + (f" ({extra})" if extra else "")
 
 
+# --- throughput --------------------------------------------------------------------------------------------
+
+# Batches over which ImageThroughput averages its rates (Lightning's default, 100, leaves short runs without).
+THROUGHPUT_WINDOW = 20
+
+
+def batch_images(batch: Any) -> int:
+    """The number of images in an (images, labels) batch, or in a batch of images alone."""
+    return (batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0]
+
+
+def network_flops(hparams: Any, input_shape: Sequence[int]) -> dict[str, int]:
+    """FLOPs per image of the network `hparams` describe, counted by Lightning's `measure_flops` on a copy
+    built on the meta device (no memory, no arithmetic): 'train' is forward and backward, 'eval' forward."""
+    net = network_of(hparams)
+    choices = {k: net[k] for k in ("attention", "learning", "mask") if net[k]}
+    with torch.device("meta"):
+        model = create_model(net["arch"], num_classes=net["num_classes"], **choices, **net["model_kwargs"])
+        images = torch.zeros(1, *input_shape[1:])
+    train = measure_flops(model.train(), lambda: model(images), lambda logits: logits.sum())
+    return {"train": train, "eval": measure_flops(model.eval(), lambda: model(images))}
+
+
+class ImageThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for image batches: images/s (`train/device/samples_per_sec`, and
+    `validate/...`, `test/...`) over the last `THROUGHPUT_WINDOW` batches and, on a device whose peak FLOPs
+    Lightning knows (recent NVIDIA GPUs), the FLOPs/s and model FLOPs utilisation (`train/device/mfu`). The
+    FLOPs per batch are the network's FLOPs per image (:func:`network_flops`, from the module's
+    `example_input_array`) times the batch's images, handed to the monitor as the module's `flops_per_batch`
+    before each batch. They are not counted where no peak is known (CPUs): counting takes a few seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_size_fn=batch_images, window_size=THROUGHPUT_WINDOW)
+        self.flops_per_image: dict[str, int] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        example = pl_module.example_input_array
+        if self.available_flops and not self.flops_per_image and isinstance(example, torch.Tensor):
+            self.flops_per_image = network_flops(pl_module.hparams, example.shape)
+
+    def _set_flops(self, pl_module: pl.LightningModule, batch: Any, kind: str) -> None:
+        """Give the monitor the batch's FLOPs as `pl_module.flops_per_batch` (None: not counted)."""
+        count = self.flops_per_image.get(kind)
+        pl_module.flops_per_batch = None if count is None else count * batch_images(batch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "train")
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "eval")
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *_: Any
+    ) -> None:
+        self._set_flops(pl_module, batch, "eval")
+
+
 # --- the CLI -----------------------------------------------------------------------------------------------
 
 
 class SaveRunConfig(SaveConfigCallback):
     """Writes the resolved config into the run directory (`config.yaml` for fit, `config_<stage>.yaml`
-    otherwise) with the W&B run id, and sends it to every logger as hyperparameters (the W&B run config), on
-    rank 0, once the data is set up."""
+    otherwise) with the stage's W&B run id, and sends it with `meta` (see :func:`run_meta`) to every logger as
+    hyperparameters (the W&B run config), on rank 0, once the data is set up."""
 
     def __init__(
         self,
@@ -155,11 +250,13 @@ class SaveRunConfig(SaveConfigCallback):
         config: Any,
         run_dir: str,
         wandb_id: str | None = None,
+        meta: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(parser, config, overwrite=True, save_to_log_dir=False, **kwargs)
         self.run_dir = RunDir(Path(run_dir))
         self.wandb_id = wandb_id
+        self.meta = meta or {}
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -167,11 +264,67 @@ class SaveRunConfig(SaveConfigCallback):
         path = self.run_dir.config_file(stage)
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=False)
         if self.wandb_id:
-            self.run_dir.save_wandb_id(self.wandb_id)
+            self.run_dir.save_wandb_id(self.wandb_id, stage)
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         config.pop("config", None)
+        meta = {**self.meta, "seed": config.get("seed_everything")}
         for logger in trainer.loggers:
-            logger.log_hyperparams(config)
+            logger.log_hyperparams({**config, "meta": meta})
+
+
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The config files named by `-c/--config` in `argv`, as given (a YAML string is no file)."""
+    files = []
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg in ("-c", "--config") and i + 1 < len(argv) else None
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else value
+        if value is not None and "\n" not in value and Path(value).is_file():
+            files.append(value)
+    return files
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differ from it ({commit: None} outside a git
+    checkout, e.g. an installed wheel)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(changes)}
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed versions of the packages a run's result depends on."""
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_meta(stage: str, files: list[str], fit_wandb_id: str | None) -> dict[str, Any]:
+    """What the config alone does not say about a run, logged beside it as `meta`: the stage, the config files
+    it was started from, the git commit (and whether the checkout was modified), the package versions and, for
+    validate/test/predict, the W&B id of the fit they evaluate (the seed is added by SaveRunConfig)."""
+    meta: dict[str, Any] = {
+        "stage": stage,
+        "config_files": files,
+        "git": git_state(),
+        "versions": package_versions(),
+    }
+    if stage != "fit":
+        meta["fit_wandb_id"] = fit_wandb_id
+    return meta
 
 
 class RanArgumentParser(LightningArgumentParser):
@@ -195,6 +348,8 @@ class RanCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         self.stop: GracefulStop | None = None
+        args = list(sys.argv[1:] if args is None else args)
+        self.config_files = config_files(args)
         super().__init__(
             ImageClassifier,
             pl.LightningDataModule,
@@ -204,7 +359,7 @@ class RanCLI(LightningCLI):
             parser_class=RanArgumentParser,
             # allow_abbrev=False: `--run.over true` is an error, not `--run.overwrite true`
             parser_kwargs={"prog": "ran", "allow_abbrev": False},
-            args=args,
+            args=resolve_config_args(args),
             **kwargs,
         )
 
@@ -231,10 +386,6 @@ class RanCLI(LightningCLI):
             raise ConfigError(
                 "trainer.default_root_dir is set by ran: choose the run directory with --run.root and "
                 "--run.name"
-            )
-        if cfg.trainer.get("logger") is not None:
-            raise ConfigError(
-                "trainer.logger is set by ran: choose the logger with --run.logger (wandb, csv or none)"
             )
         run = cfg.run
         run.name = run.name or cfg.model.arch
@@ -268,7 +419,7 @@ class RanCLI(LightningCLI):
             self._check_fit_finished(run)
         if ckpt in ("last", "best"):
             cfg.ckpt_path = str(self._find_checkpoint(ckpt))
-        self.wandb_id = self.run_dir.wandb_id() or new_wandb_id()
+        self.wandb_id = self.run_dir.wandb_id(subcommand) or new_wandb_id()
 
     def _find_checkpoint(self, which: str) -> Path:
         """'last': the newest readable of checkpoints/*.ckpt and SLURM's hpc_ckpt_*.ckpt; 'best':
@@ -355,7 +506,7 @@ class RanCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config[self.subcommand]
         trainer_cfg = self._get(self.config_init, "trainer")
-        loggers = self._loggers(cfg.run)
+        loggers = self._loggers(cfg.run, cfg.trainer.get("logger"), trainer_cfg.get("logger"))
         checkpointing = trainer_cfg.get("enable_checkpointing", True) is not False
         last = (
             LastCheckpoint(self.run_dir.last_ckpt, cfg.run.checkpoint_every_n_steps)
@@ -378,7 +529,7 @@ class RanCLI(LightningCLI):
             callbacks += [best, last]
         callbacks += [self.stop, SoftMaskMonitor(self.run_dir.path)]
         if loggers:
-            callbacks.append(LearningRateMonitor(logging_interval="step"))
+            callbacks += [LearningRateMonitor(logging_interval="step"), ImageThroughput()]
         if trainer_cfg.get("enable_progress_bar", True) is not False:
             callbacks.append(StepProgressBar())
         if self.subcommand == "predict":
@@ -386,8 +537,9 @@ class RanCLI(LightningCLI):
         plugins = list(trainer_cfg.get("plugins") or [])
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        wandb_id = self.wandb_id if cfg.run.logger == "wandb" else None
-        self.save_config_kwargs = {"run_dir": str(self.run_dir.path), "wandb_id": wandb_id}
+        wandb_id = self.wandb_id if any(isinstance(x, WandbLogger) for x in loggers) else None
+        meta = run_meta(self.subcommand, self.config_files, self.run_dir.wandb_id("fit"))
+        self.save_config_kwargs = {"run_dir": str(self.run_dir.path), "wandb_id": wandb_id, "meta": meta}
         # enable_autolog_hparams=False: SaveRunConfig sends the whole resolved config to the loggers instead
         # of Lightning's flat mix of the model's and the datamodule's arguments.
         return super().instantiate_trainer(
@@ -399,24 +551,65 @@ class RanCLI(LightningCLI):
             **kwargs,
         )
 
-    def _loggers(self, run: Any) -> list[Logger]:
-        if run.logger == "csv":
-            return [CSVLogger(save_dir=self.run_dir.path, name="csv")]
-        if run.logger == "wandb":
-            mode = wandb_mode()
-            return [
-                WandbLogger(
-                    name=run.name,
-                    save_dir=self.run_dir.path,
-                    id=self.wandb_id,
-                    project=run.project,
-                    group=run.group,
-                    tags=list(run.tags) or None,
-                    offline=mode == "offline",
-                    **({"mode": mode} if mode != "offline" else {}),
-                )
-            ]
-        return []
+    def _loggers(self, run: Any, given: Any, instantiated: Any) -> list[Logger]:
+        """The run's loggers: `--run.logger`'s (W&B or CSV, with ran's settings) and every logger of
+        `--trainer.logger`; a given WandbLogger or CSVLogger gets ran's settings (run directory, W&B id, name,
+        project, entity, group, tags, job type) for each argument it leaves at its default, and one of the
+        same kind as `--run.logger` replaces ran's. `--trainer.logger false` turns logging off."""
+        if given is False:
+            return []
+        configs = [] if given in (None, True) else (given if isinstance(given, list) else [given])
+        objects = (
+            []
+            if instantiated in (None, True)
+            else (list(instantiated) if isinstance(instantiated, (list, tuple)) else [instantiated])
+        )
+        loggers = []
+        for config, obj in zip(configs, objects):
+            kind = type(obj) if isinstance(obj, (WandbLogger, CSVLogger)) else None
+            if kind is None:
+                loggers.append(obj)
+                continue
+            init_args = config.init_args.as_dict() if hasattr(config.init_args, "as_dict") else {}
+            init_args.update(dict(config.get("dict_kwargs") or {}))
+            loggers.append(kind(**{**self._logger_defaults(kind, run), **_explicit_args(kind, init_args)}))
+        kinds = {"wandb": WandbLogger, "csv": CSVLogger}
+        ran_kind = kinds.get(run.logger)
+        if ran_kind is not None and not any(isinstance(x, ran_kind) for x in loggers):
+            loggers.insert(0, ran_kind(**self._logger_defaults(ran_kind, run)))
+        return loggers
+
+    def _logger_defaults(self, kind: type, run: Any) -> dict[str, Any]:
+        """ran's settings of a WandbLogger or CSVLogger: files in the run directory; for W&B the run's id,
+        name, project, entity, group and tags, `job_type` the subcommand (fit, validate, test, predict: each
+        stage is a W&B run of its own, `<name>-<stage>` beside the fit's `<name>`), online or offline."""
+        if issubclass(kind, CSVLogger):
+            return {"save_dir": self.run_dir.path, "name": "csv"}
+        stage = self.subcommand
+        mode = wandb_mode()
+        return {
+            "name": run.name if stage == "fit" else f"{run.name}-{stage}",
+            "save_dir": self.run_dir.path,
+            "id": self.wandb_id,
+            "project": run.project,
+            "entity": run.entity,
+            "group": run.group,
+            "tags": list(run.tags) or None,
+            "job_type": stage,
+            "offline": mode == "offline",
+            **({"mode": mode} if mode != "offline" else {}),
+        }
+
+
+def _explicit_args(kind: type, init_args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a logger config that differ from the class's defaults (jsonargparse fills in every
+    argument; W&B's own, passed through **kwargs, default to None)."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(kind.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    return {k: v for k, v in init_args.items() if v is not None and v != defaults.get(k)}
 
 
 USAGE = """usage: ran {fit,validate,test,predict} -c CONFIG [--section.key VALUE ...]
@@ -475,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     # configs' __base__ chains resolved (sys.argv itself stays as typed, for DDP's relaunch of the command).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
     try:
-        RanCLI(args=resolve_config_args(argv))
+        RanCLI(args=argv)
     except RunInterrupted as err:
         print(f"{prog}: {err}", file=sys.stderr)
         status = err.exit_code

@@ -165,6 +165,18 @@ class ImageClassifier(pl.LightningModule):
         x = x.contiguous(memory_format=self.memory_format)
         return (self.net if self._compiled is None else self._compiled)(x)
 
+    @property
+    def example_input_array(self) -> torch.Tensor | None:
+        """A zero batch of one image at the datamodule's training size (its `image_size`, where it has one)
+        or the network's `default_input_size`: Lightning's model summary runs it to show FLOPs and layer
+        shapes. None for a compiled network (the summary's batch of one would compile it a second time)."""
+        if self.hparams.get("compile"):
+            return None
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(datamodule, "image_size", None) or self.net.default_input_size
+        channels = next(m for m in self.net.modules() if isinstance(m, nn.Conv2d)).in_channels
+        return torch.zeros(1, channels, size, size)
+
     def setup(self, stage: str) -> None:
         """Convert BatchNorm to SyncBatchNorm on multi-process CUDA runs (SyncBatchNorm has no CPU kernel)."""
         trainer = self.trainer

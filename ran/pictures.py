@@ -5,8 +5,9 @@
   all modules with its colour bar, so that grids of different modules, steps and runs can be compared.
 - :func:`response_chart`: grouped bars of the mean absolute response of each stage's output (Sec. 4.1, the
   figure comparing naive attention learning with attention residual learning).
+- :func:`report_chart`: a suite's measured figures beside the paper's, per factor (the tables of Sec. 4).
 
-Both return PIL images (for `wandb.Image` and for PNG files); figures are drawn on their own Agg canvas, so
+All return PIL images (for `wandb.Image` and for PNG files); figures are drawn on their own Agg canvas, so
 no pyplot state and no display is involved.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "heat_map",
     "mask_grid",
     "mask_range",
+    "report_chart",
     "response_chart",
     "unnormalize",
 ]
@@ -159,6 +161,51 @@ def response_chart(
         ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _to_image(figure)
+
+
+def report_chart(
+    groups: Mapping[str, Mapping[str, tuple[float | None, float | None, float | None]]],
+    ylabel: str,
+    title: str = "",
+    xlabel: str = "",
+) -> Image.Image:
+    """A suite's report as grouped bars: one group per row of its table (`groups[row][series] = (measured
+    mean, spread over seeds, paper figure)`, None where there is none); for each series a solid bar of the
+    measured figure, with the spread as an error bar, beside a hatched bar of the paper's figure in the same
+    colour. A measured bar is labelled with its value, a missing one with "missing"; a paper figure that is
+    missing leaves its bar out."""
+    rows = list(groups)
+    series = list(dict.fromkeys(name for g in groups.values() for name in g))
+    colours = [f"C{i % 10}" for i in range(len(series))]
+    figure = Figure(figsize=(max(6.4, 1.2 + 0.55 * len(rows) * max(len(series), 1)), 4.6), dpi=DPI)
+    ax = figure.subplots()
+    width = 0.8 / max(2 * len(series), 1)
+    x = np.arange(len(rows))
+    for i, (name, colour) in enumerate(zip(series, colours)):
+        values = [groups[row].get(name, (None, None, None)) for row in rows]
+        offset = (2 * i - len(series) + 0.5) * width
+        measured = [math.nan if v[0] is None else v[0] for v in values]
+        spread = [0.0 if v[1] is None else v[1] for v in values]
+        paper = [math.nan if v[2] is None else v[2] for v in values]
+        bars = ax.bar(
+            x + offset, measured, width, yerr=spread, color=colour, capsize=2, label=f"{name} measured"
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        for position, value in zip(x + offset, measured):
+            if math.isnan(value):
+                ax.text(
+                    position, 0, " missing", rotation=90, ha="center", va="bottom", fontsize=7, color=colour
+                )
+        ax.bar(x + offset + width, paper, width, color=colour, alpha=0.35, hatch="//", label=f"{name} paper")
+    ax.set_xticks(x, rows)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=7, ncols=2 if len(series) > 2 else 1)
     ax.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     return _to_image(figure)

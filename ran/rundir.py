@@ -6,7 +6,8 @@
         checkpoints/best.ckpt  the best validation top-1
         hpc_ckpt_<n>.ckpt      Lightning's SLURM pre-emption checkpoints
         results.json           the run's status and final metrics, readable without W&B or a network
-        wandb_run_id           the W&B run id, so that a resumed run continues the same W&B run
+        wandb_run_id           the fit's W&B run id, so that a resumed run continues the same W&B run
+        wandb_run_id_<stage>   the W&B run id of `ran validate|test|predict` (a run of its own, see ran.cli)
 
 `results.json`:
 
@@ -149,7 +150,10 @@ class RunDir:
 
     @property
     def wandb_id_file(self) -> Path:
-        return self.path / WANDB_ID_FILE
+        return self.stage_wandb_id_file("fit")
+
+    def stage_wandb_id_file(self, stage: str) -> Path:
+        return self.path / (WANDB_ID_FILE if stage == "fit" else f"{WANDB_ID_FILE}_{stage}")
 
     def config_file(self, stage: str = "fit") -> Path:
         return self.path / ("config.yaml" if stage == "fit" else f"config_{stage}.yaml")
@@ -179,7 +183,11 @@ class RunDir:
     def clear_started_files(self) -> None:
         """Remove what a start that never reached a checkpoint wrote (configs, results, W&B id, logger and
         picture folders), leaving any other file of the user's in place."""
-        for path in [*self.path.glob("config*.yaml"), self.results_file, self.wandb_id_file]:
+        for path in [
+            *self.path.glob("config*.yaml"),
+            self.results_file,
+            *self.path.glob(WANDB_ID_FILE + "*"),
+        ]:
             path.unlink(missing_ok=True)
         for name in ("csv", "wandb", "masks", "checkpoints"):
             shutil.rmtree(self.path / name, ignore_errors=True)
@@ -241,11 +249,13 @@ class RunDir:
 
     # --- W&B ---------------------------------------------------------------------------------------------
 
-    def wandb_id(self) -> str | None:
-        """The W&B run id persisted here, if any."""
-        return self.wandb_id_file.read_text().strip() if self.wandb_id_file.is_file() else None
+    def wandb_id(self, stage: str = "fit") -> str | None:
+        """The W&B run id of `stage` persisted here, if any."""
+        path = self.stage_wandb_id_file(stage)
+        return path.read_text().strip() if path.is_file() else None
 
-    def save_wandb_id(self, run_id: str) -> None:
-        if not self.wandb_id_file.is_file():
+    def save_wandb_id(self, run_id: str, stage: str = "fit") -> None:
+        path = self.stage_wandb_id_file(stage)
+        if not path.is_file():
             self.path.mkdir(parents=True, exist_ok=True)
-            self.wandb_id_file.write_text(run_id + "\n")
+            path.write_text(run_id + "\n")

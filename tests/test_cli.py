@@ -414,15 +414,6 @@ def test_unknown_ablation_value_is_rejected_at_parse_time_with_the_choices(cifar
     assert not (run_root / "x").exists()  # rejected before anything was built or written
 
 
-def test_the_logger_is_chosen_by_run_logger(cifar10_dir, run_root, capsys):
-    csv_logger = json.dumps(
-        {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
-    )
-    args = cifar_fit(cifar10_dir, run_root, "x", "--trainer.logger", csv_logger)
-    assert main(args) == 2
-    assert "choose the logger with --run.logger (wandb, csv or none)" in capsys.readouterr().err
-
-
 def test_config_typo_names_the_key(tmp_path, capsys):
     typo = tmp_path / "typo.yaml"
     typo.write_text(f"{BASE_KEY}: {CONFIGS / 'cifar10/attention56.yaml'}\nmodel:\n  atention: channel\n")
