@@ -473,6 +473,10 @@ class RanCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint()
+        if self.trainer.strategy.root_device.type == "cpu":
+            # Measured to make CPU training steps 7-15% faster (ran.allocator); not applied to GPU jobs, where
+            # it was not measured and would only make DataLoader workers keep their freed memory.
+            keep_freed_memory()
 
     def before_validate(self) -> None:
         self._check_checkpoint()
@@ -653,7 +657,6 @@ def main(argv: list[str] | None = None) -> int:
     run it as a command (`ran fit ...`, torchrun or srun).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    keep_freed_memory()
     if argv and argv[0] == "summary":
         return summary_main(argv[1:])
     if not argv:
