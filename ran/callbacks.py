@@ -233,10 +233,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         write_atomically(Path(path), lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
-        problem = checkpoint_problem(Path(path))
-        if problem is not None:
-            raise UnreadableCheckpoint(f"cannot load checkpoint {path}: {problem}")
-        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception:
+            # The whole-file CRC check runs only when loading failed, to name what is wrong with the file.
+            problem = checkpoint_problem(Path(path))
+            if problem is None:
+                raise
+            raise UnreadableCheckpoint(f"cannot load checkpoint {path}: {problem}") from None
 
 
 class LastCheckpoint(pl.Callback):

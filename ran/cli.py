@@ -446,12 +446,18 @@ class RanCLI(LightningCLI):
         ckpt = self.config[self.subcommand].get("ckpt_path")
         if ckpt is None:
             return
-        problem = checkpoint_problem(Path(ckpt))
-        if problem is not None:
+        try:
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get(
+                "hyper_parameters", {}
+            )
+        except Exception:
+            # The whole-file CRC check runs only when loading failed, to name what is wrong with the file.
+            problem = checkpoint_problem(Path(ckpt))
+            if problem is None:
+                raise
             raise ConfigError(
                 f"--ckpt_path {ckpt}: {problem}; give a complete checkpoint (or --ckpt_path last)"
-            )
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+            ) from None
         if saved and network_of(saved) != network_of(self.model.hparams):
             raise ConfigError(
                 f"checkpoint {ckpt} holds {_describe(network_of(saved))}, but the config builds "
