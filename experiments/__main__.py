@@ -9,6 +9,7 @@ python -m experiments plan table3 --budget paper --measure
 python -m experiments plan all --budget paper cpu-mini
 python -m experiments responses --model attention164_cifar --compare learning=arl,nal
 python -m experiments masks --run-dir runs/cifar10-attention92
+python -m experiments curves --run-dir runs/cifar10-attention92 --metric val/acc1
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from experiments.curves import CurveError
 from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
 from ran.allocator import keep_freed_memory
@@ -101,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         "bf16-mixed --model.channels_last true): the plan counts and measures with them."
     )
 
+    curves = sub.add_parser("curves", help="a metric per validation over a fit, as a PNG and a table")
+    curves.add_argument(
+        "--run-dir", type=Path, action="append", required=True, help="a run directory (repeatable)"
+    )
+    curves.add_argument("--metric", default="val/acc1", help="a val/ metric (default val/acc1)")
+    curves.add_argument("--out", type=Path, help="the PNG (default: <first run>/analysis/curve_<metric>.png)")
+
     for name in ("responses", "masks"):
         sub.add_parser(
             name, help=f"the paper's analyses: see `python -m experiments {name} --help`", add_help=False
@@ -123,6 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             return _list()
         if args.command == "plan":
             return _plan(args)
+        if args.command == "curves":
+            from experiments.curves import curves
+
+            table, path = curves(args.run_dir, args.metric, args.out)
+            print(table)
+            print(f"written: {path}")
+            return 0
         suite = load_suite(args.suite)
         if args.command == "run":
             return _run(args, suite)
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"written: {md}, {csv_path}, {chart_path(md)}" + ("; logged to W&B" if args.wandb else ""))
             return 0
         raise AssertionError(args.command)
-    except (SuiteError, ConfigError, RuntimeError, FileNotFoundError) as err:
+    except (SuiteError, ConfigError, CurveError, RuntimeError, FileNotFoundError) as err:
         print(f"python -m experiments: error: {err}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,7 @@
 - :func:`response_chart`: grouped bars of the mean absolute response of each stage's output (Sec. 4.1, the
   figure comparing naive attention learning with attention residual learning).
 - :func:`report_chart`: a suite's measured figures beside the paper's, per factor (the tables of Sec. 4).
+- :func:`curve_chart`: a metric over training, one line per run (e.g. validation top-1 per epoch).
 
 All return PIL images (for `wandb.Image` and for PNG files); figures are drawn on their own Agg canvas, so
 no pyplot state and no display is involved.
@@ -26,6 +27,7 @@ from PIL import Image
 
 __all__ = [
     "MASK_COLORMAP",
+    "curve_chart",
     "heat_map",
     "mask_grid",
     "mask_range",
@@ -207,5 +209,43 @@ def report_chart(
         ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=7, ncols=2 if len(series) > 2 else 1)
     ax.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    return _to_image(figure)
+
+
+def curve_chart(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    higher_is_better: bool = True,
+) -> Image.Image:
+    """One line with markers per run (`curves[label]` = its (x, y) points), each run's best point labelled
+    with its value."""
+    figure = Figure(figsize=(6.4, 4.2), dpi=DPI)
+    ax = figure.subplots()
+    for i, (label, points) in enumerate(curves.items()):
+        if not points:
+            continue
+        x, y = zip(*points)
+        colour = f"C{i % 10}"
+        ax.plot(x, y, marker="o", markersize=3, color=colour, label=label)
+        best = (max if higher_is_better else min)(range(len(y)), key=y.__getitem__)
+        ax.annotate(
+            f"{y[best]:.2f}",
+            (x[best], y[best]),
+            textcoords="offset points",
+            xytext=(0, 6),
+            ha="center",
+            fontsize=8,
+            color=colour,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9, wrap=True)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     figure.tight_layout()
     return _to_image(figure)
