@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--account", help="slurm: account")
     run.add_argument("--array", action="store_true", help="slurm: one script per run, its seeds a job array")
     run.add_argument(
+        "--pack",
+        type=int,
+        default=1,
+        metavar="N",
+        help="slurm: N single-device runs side by side in one job, sharing its GPU and CPUs",
+    )
+    run.add_argument(
         "--setup", default="", help="slurm: shell lines before the job (e.g. 'module load cuda')"
     )
     run.epilog = (
@@ -215,6 +222,7 @@ def _run(args: argparse.Namespace, suite) -> int:
             account=args.account,
             setup=args.setup,
             array=args.array,
+            pack=args.pack,
         )
         run_slurm(jobs, options, submit=not args.dry_run)
         return 0

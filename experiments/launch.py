@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shlex
 import shutil
 import signal
@@ -150,12 +151,49 @@ def command_list(jobs: list[Job]) -> list[str]:
 # --- local --------------------------------------------------------------------------------------------------
 
 
-def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, log=print) -> dict[str, int]:
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, named as CUDA_VISIBLE_DEVICES names them: its list where it is set,
+    else 0 .. torch.cuda.device_count() - 1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        names = [name.strip() for name in listed.split(",") if name.strip()]
+        return [] if not names or names[0] == "-1" else names
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def run_local(
+    jobs: list[Job],
+    parallel: int = 1,
+    threads: int | None = None,
+    log=print,
+    gpus: Sequence[str] | None = None,
+) -> dict[str, int]:
     """Run the jobs here, `parallel` at a time. A run that finished is skipped, one with a last checkpoint
-    is resumed; each run's output goes to `<run dir>.log`. Returns each job's exit status by name."""
+    is resumed; each run's output goes to `<run dir>.log`. Returns each job's exit status by name.
+
+    With GPUs (`gpus`, default `visible_gpus()`) the `parallel` run slots are dealt out over them, slot k on
+    GPU k mod len(gpus): `--parallel 4` on one GPU packs four single-device runs onto it (a CIFAR network at
+    batch 64 leaves most of a large GPU idle), on four GPUs gives each run its own. A run that asks for
+    several devices sees every GPU."""
     cores = os.cpu_count() or 1
     threads = threads or max(1, cores // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    gpus = list(visible_gpus() if gpus is None else gpus)
+    if gpus:
+        per_gpu = -(-parallel // len(gpus))
+        where = f"{len(gpus)} GPU(s) ({', '.join(gpus)})"
+        log(f"[gpus] {parallel} run(s) at a time on {where}: up to {per_gpu} a GPU")
+    # Resolved here, one after another: the config parser changes the working directory while it reads files.
+    single_device = set()
+    for job in jobs if gpus else ():
+        config = job.resolved_config()
+        if config.devices * config.nodes == 1:
+            single_device.add(job.name)
+    slots: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for slot in range(parallel):
+        slots.put(slot)
     statuses: dict[str, int] = {}
     running: set[subprocess.Popen] = set()
     stopping = threading.Event()
@@ -176,6 +214,20 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         log_path = job.run_dir.with_suffix(".log")
         start = time.time()
+        slot = slots.get()
+        job_env = env
+        if job.name in single_device:
+            job_env = {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
+        try:
+            status = run_job(job, state, log_path, job_env)
+        finally:
+            slots.put(slot)
+        verb = "done" if status == 0 else f"fail (exit {status}; see {log_path})"
+        log(f"[{'done' if status == 0 else 'fail'}] {job.name} in {time.time() - start:.0f} s: {verb}")
+        statuses[job.name] = status
+
+    def run_job(job: Job, state: str, log_path: Path, env: dict[str, str]) -> int:
+        """`ran fit` (resumed where there is a checkpoint), then `ran test` if it succeeded."""
         with open(log_path, "a") as out:
             status = 0
             for args in (job.fit_args(resume=state == "resumable"), job.test_args()):
@@ -193,9 +245,7 @@ def run_local(jobs: list[Job], parallel: int = 1, threads: int | None = None, lo
                 running.discard(proc)
                 if status:
                     break
-        verb = "done" if status == 0 else f"fail (exit {status}; see {log_path})"
-        log(f"[{'done' if status == 0 else 'fail'}] {job.name} in {time.time() - start:.0f} s: {verb}")
-        statuses[job.name] = status
+        return status
 
     def stop(signum=None, frame=None) -> None:
         """Interrupted (Ctrl-C or SIGTERM): end the running `ran` processes too; each keeps its last
@@ -258,6 +308,7 @@ class SlurmOptions:
     account: str | None = None
     setup: str = ""  # shell lines run before the job (module load, ...)
     array: bool = False  # one script per run, its seeds a job array
+    pack: int = 1  # single-device runs per job, sharing its one GPU
 
     def resolved(self, suite: Suite, key: str) -> Any:
         """The option `key` for `suite`: the command line's, else the suite's, else its family's default."""
@@ -317,6 +368,82 @@ def sbatch_script(job: Job, options: SlurmOptions, seeds: Sequence[int] = ()) ->
     return "\n".join(lines) + "\n"
 
 
+def packed_sbatch_script(jobs: Sequence[Job], options: SlurmOptions, name: str) -> str:
+    """A batch script that runs `jobs` (single-device runs) side by side on one node and one GPU, the job's
+    CPUs split between them, each fit followed by the test of its best checkpoint and logged to
+    `<run dir>.log`. Pre-emption: SLURM signals the script (USR1, 90 s before the time limit); it passes
+    SIGTERM to every run, which saves its last.ckpt and stops, waits for them and requeues the job, whose
+    runs resume from their checkpoints (a run whose fit had finished is only tested). The job fails if any of
+    its runs fails."""
+    for job in jobs:
+        config = job.resolved_config()
+        if config.devices * config.nodes != 1:
+            raise RuntimeError(
+                f"--pack puts single-device runs side by side, but {job.name} uses {config.devices} "
+                f"device(s) on {config.nodes} node(s): launch it without --pack"
+            )
+    first = jobs[0]
+    gpu = first.resolved_config().trainer["accelerator"] in ("gpu", "cuda", "auto")
+    folder = first.root / first.suite.name / first.budget / "slurm"
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={first.suite.name}-{name}",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks=1",
+        f"#SBATCH --cpus-per-task={options.resolved(first.suite, 'cpus_per_task')}",
+        f"#SBATCH --time={options.resolved(first.suite, 'time')}",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        f"#SBATCH --output={folder / name}.slurm-%j.out",
+    ]
+    if gpu:
+        lines.append("#SBATCH --gres=gpu:1")
+    for key in ("partition", "mem", "account"):
+        if getattr(options, key):
+            lines.append(f"#SBATCH --{key}={getattr(options, key)}")
+    lines += ["set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    if options.setup:
+        lines.append(options.setup)
+    runs = len(jobs)
+    lines += [
+        f'threads=$(( ${{SLURM_CPUS_PER_TASK:-{runs}}} / {runs} )); [ "$threads" -ge 1 ] || threads=1',
+        "export OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads",
+        "requeue() {",
+        "  trap '' USR1",
+        '  echo "$(date): pre-empted: every run saves its last.ckpt; the job requeues"',
+        '  for pid in "${pids[@]}"; do kill -TERM "$pid"; pkill -TERM -P "$pid"; done',
+        "  wait",
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "  exit 0",
+        "}",
+        "trap requeue USR1",
+        "pids=()",
+    ]
+    ran = ran_executable()
+    for job in jobs:
+        last = shell_quote(str(job.run_dir / "checkpoints" / "last.ckpt"))
+        lines += [
+            f"mkdir -p {shell_quote(str(job.run_dir.parent))}",
+            "(",
+            "  trap 'stopped=1' TERM  # the run saves and exits; its test waits for the requeued job",
+            f"  if [ -f {last} ]; then RESUME='--ckpt_path last'; else RESUME=''; fi",
+            f"  printf '%s %s\\n' {shlex.quote('$ ' + shell_line(job.fit_args(), ran))} \"$RESUME\"",
+            f"  {shell_line(job.fit_args(), ran)} $RESUME || exit $?",
+            '  [ -z "${stopped:-}" ] || exit 143',
+            f"  echo {shlex.quote('$ ' + shell_line(job.test_args(), ran))}",
+            f"  {shell_line(job.test_args(), ran)}",
+            f") >> {shell_quote(str(job.run_dir.with_suffix('.log')))} 2>&1 &",
+            "pids+=($!)",
+        ]
+    lines += [
+        "status=0",
+        'for pid in "${pids[@]}"; do wait "$pid" || status=1; done',
+        "exit $status",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def run_slurm(jobs: list[Job], options: SlurmOptions, submit: bool = True, log=print) -> list[Path]:
     """Write one sbatch script per job (with `options.array`: per run, its seeds a job array) under
     `<root>/<suite>/<budget>/slurm/` and, with `submit`, sbatch it. Finished runs are left out."""
@@ -331,7 +458,17 @@ def run_slurm(jobs: list[Job], options: SlurmOptions, submit: bool = True, log=p
             log(f"[skip] {job.name}: finished already")
         else:
             todo.append(job)
-    if options.array:
+    if options.pack < 1:
+        raise RuntimeError(f"--pack must be at least 1, got {options.pack}")
+    if options.pack > 1:
+        if options.array:
+            raise RuntimeError("--pack and --array cannot be combined: a packed job runs several runs itself")
+        chunks = [todo[i : i + options.pack] for i in range(0, len(todo), options.pack)]
+        scripts = []
+        for chunk in chunks:
+            name = f"pack-{chunk[0].label}-{len(chunk)}"
+            scripts.append((chunk[0], f"{name}.sbatch", packed_sbatch_script(chunk, options, name)))
+    elif options.array:
         runs: dict[tuple, list[Job]] = {}
         for job in todo:
             runs.setdefault((job.suite.name, job.budget, job.run.name), []).append(job)

@@ -188,31 +188,76 @@ class DivergenceGuard(pl.Callback):
     weights it produced (so it must come first in the callback list); the weights are checked whenever a
     checkpoint is about to be written. Either raises `TrainingDiverged` with the step and the likely fix,
     which ends the run with status "diverged".
+
+    Reading a loss on the host makes the host wait for the device, which on a GPU would serialise every step.
+    There (`every_step` None and the loss not on the CPU, or `every_step=False`) each step only records on the
+    device whether its loss was finite, with the first bad step and its loss; the record is read every
+    `trainer.log_every_n_steps` steps, before every checkpoint and at the end of training, so the run still
+    stops with the first bad step named and no checkpoint is written after it.
     """
+
+    def __init__(self, every_step: bool | None = None) -> None:
+        self.every_step = every_step
+        self._first_bad: torch.Tensor | None = (
+            None  # [step, loss] of the first non-finite loss; step -1: none
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first_bad = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss.detach())):
-            raise TrainingDiverged(self._message(trainer, f"the training loss is {loss.item()}"))
+        if not isinstance(loss, torch.Tensor):
+            return
+        loss = loss.detach().float().reshape(())
+        every_step = self.every_step if self.every_step is not None else loss.device.type == "cpu"
+        if every_step:
+            if not bool(torch.isfinite(loss)):
+                raise TrainingDiverged(self._message(trainer, trainer.global_step, loss.item()))
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.tensor([-1.0, 0.0], device=loss.device)
+        record = torch.stack([torch.full_like(loss, trainer.global_step), loss])
+        first = (self._first_bad[0] < 0) & ~torch.isfinite(loss)
+        self._first_bad = torch.where(first, record, self._first_bad)
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        """Raise for a non-finite loss recorded on the device (one read of two numbers)."""
+        if self._first_bad is None:
+            return
+        step, loss = self._first_bad.tolist()
+        if step >= 0:
+            raise TrainingDiverged(self._message(trainer, int(step), loss))
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        self._check(trainer)
         network = getattr(pl_module, "net", pl_module)
         bad = _non_finite_weights(network)
         if bad:
             raise TrainingDiverged(
-                self._message(trainer, f"{len(bad)} weight tensors are not finite (first: {bad[0]})")
+                self._message(
+                    trainer,
+                    trainer.global_step,
+                    what=f"{len(bad)} weight tensors are not finite (first: {bad[0]})",
+                )
             )
 
     @staticmethod
-    def _message(trainer: pl.Trainer, what: str) -> str:
+    def _message(trainer: pl.Trainer, step: int, loss: float | None = None, what: str = "") -> str:
+        what = what or f"the training loss is {loss}"
         lrs = [g["lr"] for opt in trainer.optimizers for g in opt.param_groups]
         lr = f" (learning rate {lrs[0]:.3g})" if lrs and math.isfinite(lrs[0]) else ""
         return (
-            f"training diverged at step {trainer.global_step}: {what}{lr}; no checkpoint of these weights "
+            f"training diverged at step {step}: {what}{lr}; no checkpoint of these weights "
             "was saved. Lower --model.lr, add --model.warmup_steps, or train in fp32 (--trainer.precision 32)"
         )
 

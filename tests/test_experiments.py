@@ -24,6 +24,7 @@ from experiments.launch import (
     run_local,
     run_slurm,
     sbatch_script,
+    visible_gpus,
 )
 from experiments.report import collect, markdown_table, report
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
@@ -268,6 +269,82 @@ def test_every_suites_slurm_scripts_are_valid_bash(tmp_path):
         assert "srun --kill-on-bad-exit=1 " in text and "--requeue" in text, path
 
 
+def test_slurm_packs_single_device_runs_side_by_side_in_one_gpu_job(tmp_path, monkeypatch):
+    fake = str(_fake_ran(tmp_path))
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: fake)
+    jobs = make_jobs(load_suite("mask_structure"), "smoke", [0, 1, 2], tmp_path / "runs")  # 6 runs
+    paths = run_slurm(jobs, SlurmOptions(pack=4), submit=False, log=lambda _: None)
+    assert [p.name for p in paths] == [f"pack-{jobs[0].label}-4.sbatch", f"pack-{jobs[4].label}-2.sbatch"]
+    script = paths[0].read_text().splitlines()
+    for line in (
+        "#SBATCH --ntasks=1",
+        "#SBATCH --gres=gpu:1",
+        "#SBATCH --signal=B:USR1@90",
+        "trap requeue USR1",
+    ):
+        assert line in script
+    assert sum(line.startswith(f"  {fake} fit") for line in script) == 4
+    env = {**os.environ, "SLURM_CPUS_PER_TASK": "8", "SLURM_JOB_ID": "7"}
+    for path in paths:
+        subprocess.run(["bash", str(path)], env=env, check=True, timeout=120)
+    assert all(job.state() == "done" for job in jobs)  # every fit and its test ran
+    log = jobs[5].run_dir.with_suffix(".log").read_text()
+    assert f"$ {fake} fit" in log and f"$ {fake} test" in log  # each run logs its commands
+
+    with pytest.raises(RuntimeError, match="--pack and --array cannot be combined"):
+        run_slurm(jobs, SlurmOptions(pack=2, array=True), submit=False, log=lambda _: None)
+    ddp = make_jobs(
+        load_suite("mask_structure"), "smoke", [3], tmp_path / "runs", extra=["--trainer.devices", "2"]
+    )
+    with pytest.raises(RuntimeError, match="uses 2 device.*launch it without --pack"):
+        run_slurm(ddp, SlurmOptions(pack=2), submit=False, log=lambda _: None)
+
+
+def test_a_pre_empted_packed_job_saves_every_run_and_requeues(tmp_path, monkeypatch):
+    """USR1 (SLURM's warning before the time limit) to the script: each run gets SIGTERM, saves and stops,
+    none is tested, and the job asks to be requeued."""
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path / "scontrol.txt"}\n')
+    ran = tmp_path / "ran"
+    ran.write_text(f"""#!{sys.executable}
+import signal, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+run_dir = Path(args[args.index("--run.root") + 1]) / args[args.index("--run.name") + 1]
+run_dir.mkdir(parents=True, exist_ok=True)
+if args[0] == "test":
+    (run_dir / "tested").write_text("")
+    sys.exit(0)
+def stop(*_):
+    (run_dir / "saved").write_text("last.ckpt")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+(run_dir / "started").write_text("")
+time.sleep(60)
+""")
+    for path in (scontrol, ran):
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(ran))
+    jobs = make_jobs(load_suite("mask_structure"), "smoke", [0], tmp_path / "runs")
+    (path,) = run_slurm(jobs, SlurmOptions(pack=2), submit=False, log=lambda _: None)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42"}
+    proc = subprocess.Popen(["bash", str(path)], env=env)
+    deadline = time.time() + 60
+    while not all((job.run_dir / "started").exists() for job in jobs):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "scontrol.txt").read_text() == "requeue 42\n"
+    for job in jobs:
+        assert (job.run_dir / "saved").exists() and not (job.run_dir / "tested").exists()
+
+
 def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(RuntimeError, match="sbatch is not on PATH.*--dry-run"):
@@ -278,13 +355,15 @@ def _fake_ran(tmp_path: Path) -> Path:
     """A stand-in `ran` that records its arguments and writes results.json as the real one does."""
     script = tmp_path / "ran"
     script.write_text(f"""#!{sys.executable}
-import json, sys
+import json, os, sys
 from pathlib import Path
 args = sys.argv[1:]
 run_dir = Path(args[args.index("--run.root") + 1]) / args[args.index("--run.name") + 1]
 run_dir.mkdir(parents=True, exist_ok=True)
 with open(run_dir.parent / "calls.txt", "a") as f:
     f.write(" ".join(args) + "\\n")
+with open(run_dir.parent / "gpus.txt", "a") as f:
+    f.write(f"{{run_dir.name}} {{args[0]}} {{os.environ.get('CUDA_VISIBLE_DEVICES')}}\\n")
 results = run_dir / "results.json"
 data = json.loads(results.read_text()) if results.exists() else {{}}
 if args[0] == "fit":
@@ -297,6 +376,33 @@ results.write_text(json.dumps(data))
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
+
+
+def test_local_launcher_deals_its_run_slots_out_over_the_gpus(tmp_path, monkeypatch):
+    fake = str(_fake_ran(tmp_path))
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    suite = load_suite("mask_structure")
+
+    def gpus_seen(parallel: int, gpus: list[str], root: str) -> list[str]:
+        jobs = make_jobs(suite, "smoke", [0, 1], tmp_path / root)
+        assert run_local(jobs, parallel=parallel, gpus=gpus, log=lambda _: None) == {j.name: 0 for j in jobs}
+        files = {job.run_dir.parent / "gpus.txt" for job in jobs}  # one per run, its seeds' lines
+        lines = [line.split() for path in files for line in path.read_text().splitlines()]
+        assert len(lines) == 2 * len(jobs)  # a fit and a test per job
+        return [gpu for _, _, gpu in lines]
+
+    assert set(gpus_seen(4, ["3"], "one")) == {"3"}  # four runs at a time packed onto one GPU
+    assert set(gpus_seen(2, ["0", "1"], "two")) == {"0", "1"}  # two slots, one GPU each
+    assert set(gpus_seen(2, [], "none")) == {"None"}  # no GPU: nothing pinned
+
+
+@pytest.mark.parametrize(
+    "listed,expected", [("2,3", ["2", "3"]), ("", []), ("-1", []), ("GPU-1a2b", ["GPU-1a2b"])]
+)
+def test_visible_gpus_follow_cuda_visible_devices(listed, expected, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", listed)
+    assert visible_gpus() == expected
 
 
 def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):

@@ -8,12 +8,14 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from test_cli import callbacks, cifar_fit, load_ckpt
 
 from experiments.report import seed_state
-from ran.callbacks import AtomicCheckpointIO
+from ran.callbacks import AtomicCheckpointIO, DivergenceGuard, TrainingDiverged
 from ran.cli import ConfigError, check_writable, main
 from ran.rundir import RunDir
 
@@ -221,3 +223,27 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot parse {bad}" in err and "line 2" in err and "<unicode string>" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_on_a_gpu_the_guard_reads_the_loss_only_at_log_steps_checkpoints_and_the_end():
+    """The deferred check (what a CUDA loss gets; forced here on CPU tensors): no host read per step, yet the
+    first bad step and its loss are named at the next read, and a checkpoint after it is refused."""
+    guard = DivergenceGuard(every_step=False)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, optimizers=[])
+    for step, loss in [(1, 2.0), (2, float("nan")), (3, float("inf")), (4, 1.5)]:
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)  # no raise
+    with pytest.raises(TrainingDiverged, match="diverged at step 2: the training loss is nan"):
+        guard.on_save_checkpoint(trainer, torch.nn.Linear(1, 1), {})
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        guard.on_train_end(trainer, None)
+    trainer.global_step = 50
+    with pytest.raises(TrainingDiverged, match="at step 2"):  # a log step reads it too
+        guard.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 50)
+
+    guard.on_train_start(trainer, None)  # a new fit starts clean
+    for step in (1, 50):
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, torch.tensor(1.0), None, step)
+    guard.on_save_checkpoint(trainer, torch.nn.Linear(1, 1), {})
+    guard.on_train_end(trainer, None)
