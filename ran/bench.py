@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 import sys
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -41,6 +41,7 @@ from ran.measure import (
     timing_classifier,
     train_step_times,
 )
+from ran.module import CompileMode
 from ran.registry import create_model, list_models
 
 
@@ -107,7 +108,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="32", choices=PRECISIONS)
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=get_args(CompileMode),
+        metavar="MODE",
+        help="torch.compile the network, in MODE (default: default; reduce-overhead and max-autotune also "
+        "replay CUDA graphs)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--input-size", type=int, help="default: the model's own (32 CIFAR, 224 ImageNet)")
     p.add_argument("--num-classes", type=int, help="default: the model's own")

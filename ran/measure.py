@@ -164,16 +164,18 @@ def timing_classifier(
     *,
     model_kwargs: dict[str, Any] | None = None,
     channels_last: bool = False,
-    compile: bool = False,
+    compile: str | None = None,
 ) -> ImageClassifier:
-    """The training module with the recipe's optimizer and a learning rate that never drops while timed."""
+    """The training module with the recipe's optimizer and a learning rate that never drops while timed;
+    `compile`: None, or the torch.compile mode of the network."""
     return ImageClassifier(
         arch=arch,
         num_classes=num_classes,
         milestones=(10**9,),
         model_kwargs=model_kwargs,
         channels_last=channels_last,
-        compile=compile,
+        compile=compile is not None,
+        compile_mode=compile or "default",
     )
 
 
@@ -216,7 +218,7 @@ def train_step_times(
     device: torch.device,
     precision: str = "32",
     channels_last: bool = False,
-    compile: bool = False,
+    compile: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
     warmup: int = 3,
     blocks: int = 5,

@@ -26,7 +26,19 @@ from torchmetrics.classification import MulticlassAccuracy
 from ran.layers import Attention, Learning, Mask
 from ran.registry import create_model
 
-__all__ = ["ImageClassifier", "LRFactor", "check_recipe", "effective_batch_size"]
+__all__ = [
+    "CUDA_GRAPH_MODES",
+    "CompileMode",
+    "ImageClassifier",
+    "LRFactor",
+    "check_compile_mode",
+    "check_recipe",
+    "effective_batch_size",
+]
+
+# torch.compile's modes; the first two also capture CUDA graphs (one launch for a whole compiled graph).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -63,6 +75,16 @@ def effective_batch_size(trainer: pl.Trainer) -> int | None:
     if per_device is None:
         return None
     return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def check_compile_mode(hp: Any, world_size: int) -> None:
+    """A ValueError for a CUDA-graph compile mode in a multi-process run, which this project does not run."""
+    mode = hp.get("compile_mode") or "default"
+    if hp.get("compile") and mode in CUDA_GRAPH_MODES and world_size > 1:
+        raise ValueError(
+            f"model.compile_mode {mode} captures CUDA graphs, which ran does not combine with DDP "
+            f"({world_size} processes): use --model.compile_mode max-autotune-no-cudagraphs or default"
+        )
 
 
 def check_recipe(hp: Any) -> None:
@@ -106,6 +128,9 @@ class ImageClassifier(pl.LightningModule):
             the convolution kernels of cuDNN (with mixed precision) and oneDNN (CPU) run faster.
         compile: run the network through `torch.compile` (compiled on the first step; the module's state dict
             and checkpoints stay those of the plain network).
+        compile_mode: torch.compile's mode; 'reduce-overhead' and 'max-autotune' also replay each compiled
+            graph as a CUDA graph, which removes the per-kernel host cost on a GPU (on a CPU they fall back to
+            'default' with a warning; with DDP they are refused).
     """
 
     MAX_CLASS_SCALARS = 100
@@ -131,6 +156,7 @@ class ImageClassifier(pl.LightningModule):
         sync_batchnorm: bool = True,
         channels_last: bool = False,
         compile: bool = False,
+        compile_mode: CompileMode = "default",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the CLI sends the whole resolved config to the loggers
@@ -141,6 +167,7 @@ class ImageClassifier(pl.LightningModule):
         self._compiled: Any = (
             None  # torch.compile(self.net), made in setup; not a submodule, so not in state_dict
         )
+        self._cuda_graphs = False  # the compiled network replays CUDA graphs
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss()
         self.top_k = min(5, num_classes)
@@ -163,7 +190,12 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         x = x.contiguous(memory_format=self.memory_format)
-        return (self.net if self._compiled is None else self._compiled)(x)
+        if self._compiled is None:
+            return self.net(x)
+        if self._cuda_graphs:
+            # A new iteration: the previous one's graph outputs (already consumed) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._compiled(x)
 
     @property
     def example_input_array(self) -> torch.Tensor | None:
@@ -192,10 +224,20 @@ class ImageClassifier(pl.LightningModule):
             self.compile_network()
 
     def compile_network(self) -> None:
-        """`torch.compile` the network for forward; kept outside the submodules, so checkpoints hold the plain
-        network's parameters under their own names."""
-        if self._compiled is None:
-            object.__setattr__(self, "_compiled", torch.compile(self.net))
+        """`torch.compile` the network for forward with `compile_mode`; kept outside the submodules, so
+        checkpoints hold the plain network's parameters under their own names."""
+        if self._compiled is not None:
+            return
+        mode = self.hparams.get("compile_mode") or "default"
+        device = self._trainer.strategy.root_device.type if self._trainer is not None else "cpu"
+        if mode in CUDA_GRAPH_MODES and device != "cuda":
+            rank_zero_warn(
+                f"model.compile_mode {mode} captures CUDA graphs, which need a CUDA device: compiling for "
+                f"{device} with mode 'default'"
+            )
+            mode = "default"
+        object.__setattr__(self, "_compiled", torch.compile(self.net, mode=mode))
+        self._cuda_graphs = mode in CUDA_GRAPH_MODES
 
     # --- optimisation --------------------------------------------------------------------------------------
 

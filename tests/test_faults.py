@@ -247,3 +247,13 @@ def test_on_a_gpu_the_guard_reads_the_loss_only_at_log_steps_checkpoints_and_the
         guard.on_train_batch_end(trainer, None, torch.tensor(1.0), None, step)
     guard.on_save_checkpoint(trainer, torch.nn.Linear(1, 1), {})
     guard.on_train_end(trainer, None)
+
+
+def test_cuda_graph_compile_with_ddp_is_refused_before_training(cifar10_dir, run_root, capsys):
+    args = cifar_fit(cifar10_dir, run_root, "cg", "--model.compile", "true", "--model.compile_mode")
+    args += ["reduce-overhead", "--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ran fit: error: model.compile_mode reduce-overhead captures CUDA graphs")
+    assert "use --model.compile_mode max-autotune-no-cudagraphs or default" in err
+    assert not (run_root / "cg" / "checkpoints").exists()

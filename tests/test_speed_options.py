@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from ran.module import ImageClassifier
+from ran.module import ImageClassifier, check_compile_mode
 
 TINY = {"stage_widths": (16, 32, 64), "stem_width": 8, "final_width": 64}
 STEPS = 4
@@ -25,14 +25,19 @@ class LossRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def train_losses(
-    batch_size: int = 16, accumulate: int = 1, precision: str = "32-true", **module_kwargs
-) -> list[float]:
-    """Training losses of STEPS optimizer steps on 16-image batches (split into micro-batches if
-    accumulating)."""
+def train(
+    batch_size: int = 16,
+    accumulate: int = 1,
+    precision: str = "32-true",
+    steps: int = STEPS,
+    accelerator: str = "cpu",
+    **module_kwargs,
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Training losses of `steps` optimizer steps on 16-image batches (split into micro-batches if
+    accumulating), and the network's final state (on the CPU)."""
     pl.seed_everything(0, verbose=False)
-    images = torch.randn(STEPS * 16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    labels = torch.randint(0, 10, (STEPS * 16,), generator=torch.Generator().manual_seed(2))
+    images = torch.randn(steps * 16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 10, (steps * 16,), generator=torch.Generator().manual_seed(2))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(images, labels), batch_size=batch_size
     )
@@ -46,9 +51,9 @@ def train_losses(
     )
     recorder = LossRecorder()
     trainer = pl.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
-        max_steps=STEPS,
+        max_steps=steps,
         precision=precision,
         accumulate_grad_batches=accumulate,
         logger=False,
@@ -60,8 +65,12 @@ def train_losses(
         deterministic=False,
     )
     trainer.fit(module, train_dataloaders=loader)
-    assert trainer.global_step == STEPS
-    return recorder.losses
+    assert trainer.global_step == steps
+    return recorder.losses, {k: v.detach().cpu() for k, v in module.net.state_dict().items()}
+
+
+def train_losses(**kwargs) -> list[float]:
+    return train(**kwargs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +120,56 @@ def test_compiled_module_checkpoints_the_plain_network():
     module.compile_network()
     assert module._compiled is not None and list(module.state_dict()) == plain_keys
     assert not any("_orig_mod" in k for k in plain_keys)
+
+
+def test_compile_mode_reaches_torch_compile_and_cuda_graph_modes_fall_back_off_cuda(monkeypatch):
+    modes: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda net, mode=None: modes.append(mode) or net)
+    module = ImageClassifier(model_kwargs=TINY, compile=True, compile_mode="max-autotune-no-cudagraphs")
+    module.compile_network()
+    assert modes == ["max-autotune-no-cudagraphs"] and not module._cuda_graphs
+    module = ImageClassifier(model_kwargs=TINY, compile=True, compile_mode="reduce-overhead")
+    with pytest.warns(UserWarning, match="reduce-overhead captures CUDA graphs, which need a CUDA device"):
+        module.compile_network()
+    assert modes[-1] == "default" and not module._cuda_graphs
+
+
+def test_cuda_graph_compile_modes_refuse_ddp_and_say_what_to_use():
+    hp = {"compile": True, "compile_mode": "reduce-overhead"}
+    with pytest.raises(ValueError, match="use --model.compile_mode max-autotune-no-cudagraphs or default"):
+        check_compile_mode(hp, world_size=2)
+    check_compile_mode(hp, world_size=1)
+    check_compile_mode({**hp, "compile": False}, world_size=8)
+    check_compile_mode({**hp, "compile_mode": "max-autotune-no-cudagraphs"}, world_size=8)
+
+
+CUDA_STEPS = 50
+
+
+@pytest.fixture(scope="module")
+def eager_cuda() -> tuple[list[float], dict[str, torch.Tensor]]:
+    return train(steps=CUDA_STEPS, accelerator="cuda", precision="bf16-mixed", channels_last=True)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: compare CUDA-graph modes with eager"
+)
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_compiled_cuda_step_matches_eager_over_50_steps(mode, eager_cuda):
+    """bf16-mixed channels_last on the GPU, 50 steps: the compiled network's losses and final weights against
+    eager's, within bf16's precision (8 mantissa bits; the difference grows over 50 SGD steps)."""
+    losses, weights = train(
+        steps=CUDA_STEPS,
+        accelerator="cuda",
+        precision="bf16-mixed",
+        channels_last=True,
+        compile=True,
+        compile_mode=mode,
+    )
+    eager_losses, eager_weights = eager_cuda
+    print(f"{mode}: losses {losses[0]:.5f} .. {losses[-1]:.5f}")
+    print(f"eager: losses {eager_losses[0]:.5f} .. {eager_losses[-1]:.5f}")
+    torch.testing.assert_close(losses, eager_losses, rtol=5e-2, atol=0.0)
+    for name, value in eager_weights.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(weights[name], value, rtol=5e-2, atol=5e-3, msg=name)
