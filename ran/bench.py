@@ -247,7 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})"
     )
     if args.profile:
-        rows = profile_training(args.model, top=args.profile, **settings)
+        rows, counts = profile_training(args.model, top=args.profile, **settings)
+        result.update({name: round(value, 1) for name, value in counts.items()})
+        print(", ".join(f"{name.replace('_', ' ')}: {value:.0f}" for name, value in counts.items()))
         result["profile"] = [
             {**r, "self_ms_per_step": round(r["self_ms_per_step"], 3), "share": round(r["share"], 4)}
             for r in rows

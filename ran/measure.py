@@ -246,12 +246,24 @@ def train_step_times(
     return block_times, module
 
 
+# The host calls that start work on a CUDA device: a kernel each, or a whole captured CUDA graph.
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
+
+
 def profile_training(
     arch: str, *, top: int, steps: int = 3, warmup: int = 3, **settings: Any
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """torch.profiler over `steps` training steps of `train_step_times` (`settings` are its arguments; its
     blocks are replaced) after `warmup` untimed ones: the `top` operators by self time (device time on CUDA,
-    CPU time otherwise), each a dict of op, self ms per step, share of all self time and calls per step."""
+    CPU time otherwise), each a dict of op, self ms per step, share of all self time and calls per step; and
+    the host's work per step: `aten_calls_per_step` (every ATen operator call, nested ones included) and, on
+    CUDA, `launches_per_step` (kernel launches, a CUDA graph's replay counting as one)."""
     device = settings["device"]
     cuda = device.type == "cuda"
     prof = profile(
@@ -269,7 +281,7 @@ def profile_training(
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     total = sum(getattr(e, key) for e in events) or 1.0
-    return [
+    rows = [
         {
             "op": e.key,
             "self_ms_per_step": getattr(e, key) / 1e3 / steps,
@@ -278,6 +290,10 @@ def profile_training(
         }
         for e in events[:top]
     ]
+    counts = {"aten_calls_per_step": sum(e.count for e in events if e.key.startswith("aten::")) / steps}
+    if cuda:
+        counts["launches_per_step"] = sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps
+    return rows, counts
 
 
 def epoch_time(

@@ -204,8 +204,11 @@ def test_bench_profile_lists_the_top_operators(capsys):
     )
     conv = next(r for r in rows if r["op"] in ("aten::convolution_backward", "aten::mkldnn_convolution"))
     assert conv["calls_per_step"] == convs
+    # The host's work per step: at least a forward and a backward operator per convolution
+    assert result["aten_calls_per_step"] >= 2 * convs and "launches_per_step" not in result  # no CUDA here
     out = capsys.readouterr().out
     assert "top 8 operators by self CPU time, per training step:" in out
+    assert f"aten calls per step: {result['aten_calls_per_step']:.0f}" in out
 
 
 def test_data_throughput_times_the_imagenet_training_batches(imagenet_dir):
