@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 from typing import Any, get_args
 
@@ -155,11 +156,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="also profile three training steps with torch.profiler and print the top N operators",
     )
+    p.add_argument(
+        "--packed",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train N copies at once on the device, in N processes (as `python -m experiments run --parallel "
+        "N` packs runs onto one GPU), and report their total images/s; on a CPU each gets cores / N threads",
+    )
+    p.add_argument(
+        "--train-only", action="store_true", help="measure training alone (no GEMM, inference or MFU)"
+    )
     return p.parse_args(argv)
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
+
+
+def packed(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """`args.packed` copies of this command's training measurement (`--train-only`), started together in
+    their own processes; each copy's images/s is its median block while the others run beside it."""
+    child = [*without_option(argv, "--packed"), "--train-only"]
+    if args.threads is None and pick_device(args.device).type == "cpu":
+        child += ["--threads", str(max(1, (os.cpu_count() or 1) // args.packed))]
+    command = [sys.executable, "-m", "ran.bench", *child]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(args.packed)
+    ]
+    results = []
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate()
+        if proc.returncode:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            raise SystemExit(f"ran.bench --packed: copy {i} failed (exit {proc.returncode}): {last}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    each = [r["train_img_s"] for r in results]
+    result = {
+        **{k: v for k, v in results[0].items() if not k.startswith("train_")},
+        "packed": args.packed,
+        "train_img_s_each": [round(v, 1) for v in each],
+        "train_img_s_total": sum(each),
+    }
+    print(
+        f"{args.packed} copies at once: {sum(each):.1f} images/s in total "
+        f"({', '.join(f'{v:.1f}' for v in each)} each)"
+    )
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.packed < 1:
+        raise SystemExit(f"ran.bench: --packed must be at least 1, got {args.packed}")
+    if args.packed > 1:
+        if args.data:
+            raise SystemExit("ran.bench: --packed measures training: leave out --data")
+        return packed(args, argv)
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{args.model}: {macs / 1e9:.3f} G multiply-adds per {size}x{size} image forward")
 
     gemm = {}
-    for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for key, dtype in () if args.train_only else (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         by_library = gemm_flops(dtype, device, args.gemm_size)
         gemm[key] = by_library.pop("best")
         result[f"gemm_{key}_gflops"] = gemm[key] / 1e9
@@ -226,6 +291,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[f"mfu_train_{key}"] = mfu
         line += f", MFU {100 * mfu:.1f}% of {key} GEMM"
     print(line)
+    if args.train_only:
+        print(json.dumps(result))
+        return result
 
     net = module.net  # the trained module's network, in the module's memory format
     x = torch.randn(args.batch_size, 3, size, size, device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -215,3 +216,16 @@ def test_data_throughput_times_the_imagenet_training_batches(imagenet_dir):
     dm = ImageNetDataModule(data_dir=str(imagenet_dir), batch_size=8, num_workers=0, image_size=32)
     result = data_throughput(dm, torch.device("cpu"), images=10_000)
     assert result["data_images"] == 24 - 8 and result["data_img_s"] > 0
+
+
+def test_bench_packed_trains_copies_side_by_side_and_sums_them(capsys):
+    """Two copies at once, as `experiments run --parallel 2` packs runs on one GPU: each its own process
+    with half the cores, the total their sum."""
+    args = ["--model", "attention56_cifar", "--model-kwargs", TINY, "--batch-size", "4", "--warmup", "1"]
+    result = main([*args, "--blocks", "1", "--steps-per-block", "1", "--packed", "2"])
+    assert result["packed"] == 2 and len(result["train_img_s_each"]) == 2
+    assert all(v > 0 for v in result["train_img_s_each"])
+    assert result["train_img_s_total"] == pytest.approx(sum(result["train_img_s_each"]), rel=1e-2)
+    assert result["threads"] == max(1, (os.cpu_count() or 1) // 2) and "gemm_fp32_gflops" not in result
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("2 copies at once: ") and json.loads(out[-1]) == result
