@@ -310,6 +310,22 @@ class SlurmOptions:
     array: bool = False  # one script per run, its seeds a job array
     pack: int = 1  # single-device runs per job, sharing its one GPU
 
+    def site_lines(self) -> list[str]:
+        """The #SBATCH lines of the options given for the site (partition, memory, account)."""
+        return [
+            f"#SBATCH --{key}={getattr(self, key)}"
+            for key in ("partition", "mem", "account")
+            if getattr(self, key)
+        ]
+
+    def start_lines(self, set_flags: str) -> list[str]:
+        """A job's first shell lines: `set <flags> pipefail`, the working directory, the --setup lines."""
+        return [
+            f"set {set_flags} pipefail",
+            f"cd {shlex.quote(str(Path.cwd()))}",
+            *([self.setup] if self.setup else []),
+        ]
+
     def resolved(self, suite: Suite, key: str) -> Any:
         """The option `key` for `suite`: the command line's, else the suite's, else its family's default."""
         given = getattr(self, key)
@@ -346,12 +362,8 @@ def sbatch_script(job: Job, options: SlurmOptions, seeds: Sequence[int] = ()) ->
         lines.append(f"#SBATCH --array={','.join(str(seed) for seed in seeds)}")
     if gpu:
         lines.append(f"#SBATCH --gres=gpu:{devices}")
-    for key in ("partition", "mem", "account"):
-        if getattr(options, key):
-            lines.append(f"#SBATCH --{key}={getattr(options, key)}")
-    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
-    if options.setup:
-        lines.append(options.setup)
+    lines += options.site_lines()
+    lines += options.start_lines("-euo")
     ran = ran_executable()
     srun = "srun --kill-on-bad-exit=1"
     # A requeued job finds its own hpc_ckpt_*.ckpt: `ran fit` resumes from it without --ckpt_path.
@@ -399,12 +411,8 @@ def packed_sbatch_script(jobs: Sequence[Job], options: SlurmOptions, name: str) 
     ]
     if gpu:
         lines.append("#SBATCH --gres=gpu:1")
-    for key in ("partition", "mem", "account"):
-        if getattr(options, key):
-            lines.append(f"#SBATCH --{key}={getattr(options, key)}")
-    lines += ["set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
-    if options.setup:
-        lines.append(options.setup)
+    lines += options.site_lines()
+    lines += options.start_lines("-uo")
     runs = len(jobs)
     lines += [
         f'threads=$(( ${{SLURM_CPUS_PER_TASK:-{runs}}} / {runs} )); [ "$threads" -ge 1 ] || threads=1',
