@@ -387,15 +387,15 @@ def packed_sbatch_script(jobs: Sequence[Job], options: SlurmOptions, name: str) 
     SIGTERM to every run, which saves its last.ckpt and stops, waits for them and requeues the job, whose
     runs resume from their checkpoints (a run whose fit had finished is only tested). The job fails if any of
     its runs fails."""
-    for job in jobs:
-        config = job.resolved_config()
+    configs = [job.resolved_config() for job in jobs]
+    for job, config in zip(jobs, configs):
         if config.devices * config.nodes != 1:
             raise RuntimeError(
                 f"--pack puts single-device runs side by side, but {job.name} uses {config.devices} "
                 f"device(s) on {config.nodes} node(s): launch it without --pack"
             )
     first = jobs[0]
-    gpu = first.resolved_config().trainer["accelerator"] in ("gpu", "cuda", "auto")
+    gpu = configs[0].trainer["accelerator"] in ("gpu", "cuda", "auto")
     folder = first.root / first.suite.name / first.budget / "slurm"
     lines = [
         "#!/bin/bash",
