@@ -3,12 +3,12 @@
 Each run directory holds `results.json`, written by `ran` during and at the end of `fit` and of `test` (see
 `ran.rundir` and `ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a
 budget (no network needed), and writes a markdown and a CSV table with the measured figure (mean and spread
-over seeds), the paper's figure beside it and the difference, and a PNG chart of the same; with `--wandb` the
-table and chart also go to W&B, as a run of job type "report" in the suite's group. Only a run whose fit
-finished and whose test ran counts: one never started is "missing"; one still running or stopped is
-"unfinished (step s/n)"; "interrupted", "diverged" and "failed" runs are shown as such, never with an error
-rate; a results.json that cannot be read is "unreadable", with a warning naming it, and the rest of the
-report still prints.
+over seeds), the paper's figure beside it and the difference, the suite's contrast (e.g. NAL minus ARL)
+against the seed spread, and a PNG chart of the same; with `--wandb` the table and chart also go to W&B, as a
+run of job type "report" in the suite's group. Only a run whose fit finished and whose test ran counts: one
+never started is "missing"; one still running or stopped is "unfinished (step s/n)"; "interrupted",
+"diverged" and "failed" runs are shown as such, never with an error rate; a results.json that cannot be read
+is "unreadable", with a warning naming it, and the rest of the report still prints.
 """
 
 from __future__ import annotations
@@ -118,6 +118,59 @@ def collect(suite: Suite, budget: str, root: Path, seeds: list[int] | None = Non
     return cells
 
 
+def contrast_table(suite: Suite, cells: list[Cell]) -> str:
+    """The suite's `contrast` (two column values, baseline first; e.g. ARL vs NAL): per row and metric, the
+    second's mean minus the first's, beside the seed spread (the sum of their two standard deviations over
+    seeds) and the paper's difference. A difference "exceeds" the spread when it is larger than that sum, i.e.
+    the two mean ± sd ranges do not overlap; a cell of one seed has no spread. '' for a suite without one."""
+    if suite.contrast is None:
+        return ""
+    first, second = suite.contrast
+    index = _index(suite, cells)
+    rows = sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
+    name = f"{second} − {first}"
+    lines = [
+        f"Contrast {name}: the difference of the means; it exceeds the seed spread when it is larger than "
+        "the sum of the two standard deviations over seeds (the mean ± sd ranges do not overlap).",
+        "",
+    ]
+    header = [suite.rows]
+    for metric in suite.metrics:
+        label = f" {metric}" if len(suite.metrics) > 1 else ""
+        header += [
+            f"{name}{label} measured",
+            f"sd {first} + sd {second}",
+            "exceeds the spread",
+            f"{name}{label} paper",
+        ]
+    table = []
+    for row in rows:
+        line = [row]
+        for metric in suite.metrics:
+            a, b = index.get((row, first, metric)), index.get((row, second, metric))
+            paper = b.paper - a.paper if a and b and a.paper is not None and b.paper is not None else None
+            diff = spread = None
+            if a and b and a.mean is not None and b.mean is not None:
+                diff = b.mean - a.mean
+                spread = a.std + b.std if a.std is not None and b.std is not None else None
+            verdict = "-" if diff is None or spread is None else ("yes" if abs(diff) > spread else "no")
+            line += [_fmt(diff, signed=True), _fmt(spread), verdict, _fmt(paper, signed=True)]
+        table.append(line)
+    return "\n".join(lines + markdown_lines(header, table)) + "\n"
+
+
+def _index(suite: Suite, cells: list[Cell]) -> dict[tuple[str, str, str], Cell]:
+    """The cells by (row factor value, column factor value or '', metric)."""
+    return {
+        (
+            str(c.run.factors.get(suite.rows)),
+            str(c.run.factors.get(suite.columns, "")) if suite.columns else "",
+            c.metric,
+        ): c
+        for c in cells
+    }
+
+
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -145,14 +198,7 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
         f"{'; ' + suite.note if suite.note else ''}",
         "",
     ]
-    index = {
-        (
-            str(c.run.factors.get(suite.rows)),
-            str(c.run.factors.get(suite.columns, "")) if suite.columns else "",
-            c.metric,
-        ): c
-        for c in cells
-    }
+    index = _index(suite, cells)
     table = []
     for row in rows:
         line = [row]
@@ -316,6 +362,8 @@ def report(
     markdown and the paths of the markdown and CSV files."""
     cells = collect(suite, budget, root, seeds)
     text = markdown_table(suite, budget, cells)
+    contrast = contrast_table(suite, cells)
+    text += f"\n{contrast}" if contrast else ""
     out_dir = out_dir or root / suite.name / budget
     out_dir.mkdir(parents=True, exist_ok=True)
     md, csv_path = out_dir / f"{suite.name}-{budget}.md", out_dir / f"{suite.name}-{budget}.csv"

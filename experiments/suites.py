@@ -6,7 +6,9 @@ published figure; beside it, one config per run (`<run>.yaml`), a small file tha
 `experiments/configs/` and overrides only what the run changes. Any run starts alone with
 `ran fit -c experiments/suites/<suite>/<run>.yaml`. The factors are written once, in `suite.yaml`: the
 launcher gives each run the suite as its W&B group and the suite and factors as its tags (`Suite.tags`). An
-optional `slurm:` mapping (`time`, `cpus_per_task`) overrides the SLURM launcher's defaults for the suite.
+optional `slurm:` mapping (`time`, `cpus_per_task`) overrides the SLURM launcher's defaults for the suite. An
+optional `contrast: [a, b]` names two values of the column factor whose difference the report weighs against
+the seed spread (e.g. `[arl, nal]`: NAL minus ARL per depth).
 
 A budget is an overlay config given after the run's (`experiments/budgets/<family>/<budget>.yaml`):
 `paper` is the paper's recipe as the run configs state it, `cpu-mini` a reduced budget for a 2-core CPU,
@@ -35,6 +37,7 @@ SUITE_KEYS = {
     "rows",
     "columns",
     "note",
+    "contrast",
     "slurm",
     "runs",
 }
@@ -67,6 +70,7 @@ class Suite:
     aliases: tuple[str, ...] = ()
     note: str = ""
     slurm: dict[str, Any] = field(default_factory=dict)  # SLURM defaults for this suite: time, cpus_per_task
+    contrast: tuple[str, str] | None = None  # two column values (baseline first) the report compares
 
     def budget_config(self, budget: str) -> Path:
         if budget not in BUDGETS:
@@ -121,6 +125,15 @@ def _parse(name: str, spec: dict[str, Any]) -> Suite:
         if paper is not None and not isinstance(paper, dict):
             paper = {metrics[0]: paper}
         runs.append(Run(run_name, config, dict(entry.get("factors") or {}), dict(paper or {})))
+    contrast = spec.get("contrast")
+    if contrast is not None:
+        values = {str(r.factors.get(spec.get("columns") or "")) for r in runs}
+        if not spec.get("columns") or len(contrast) != 2 or not {str(v) for v in contrast} <= values:
+            raise SuiteError(
+                f"suite {name!r}: contrast must name two values of its column factor "
+                f"{spec.get('columns')!r} ({', '.join(sorted(values))}); got {contrast!r}"
+            )
+        contrast = (str(contrast[0]), str(contrast[1]))
     return Suite(
         name=name,
         title=spec["title"],
@@ -134,4 +147,5 @@ def _parse(name: str, spec: dict[str, Any]) -> Suite:
         aliases=tuple(spec.get("aliases") or ()),
         note=spec.get("note", ""),
         slurm=dict(spec.get("slurm") or {}),
+        contrast=contrast,
     )

@@ -27,7 +27,7 @@ from experiments.launch import (
     visible_gpus,
 )
 from experiments.report import collect, markdown_table, report
-from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
+from experiments.suites import BUDGETS, SUITES_DIR, SuiteError, _parse, load_suite, suite_names
 from ran.cli import main as ran_main
 from ran.rundir import RunDir
 
@@ -453,7 +453,8 @@ def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
     _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", 0, 35.5)
     _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention164_nal", 0, None, step=40)
     text, md, csv_path = report(suite, "cpu-mini", tmp_path)
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    table = text.split("Contrast")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
     assert rows["56"] == "| 56 | 31.00 ± 1.41 (n=2) | 5.52 | +25.48 | 35.50 | 5.89 | +29.61 |"
     assert rows["92"] == "| 92 | missing | 4.99 | - | missing | 5.35 | - |"
     assert "unfinished (step 40/100)" in rows["164"]
@@ -465,6 +466,34 @@ def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
         "arl_vs_nal,cpu-mini,attention56_arl,56,arl,test/err1,done,0 1,2,31.0000,1.4142,5.52,25.4800"
         in csv_rows
     )
+
+
+def test_report_weighs_the_suites_contrast_against_the_seed_spread(tmp_path):
+    for seed, (arl, nal) in enumerate([(30.0, 35.0), (32.0, 36.0), (31.0, 37.0)]):
+        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", seed, arl)  # sd 1.0
+        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", seed, nal)  # sd 1.0
+    for seed, (arl, nal) in enumerate([(40.0, 39.0), (44.0, 45.0)]):
+        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_arl", seed, arl)  # sd 2.83
+        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_nal", seed, nal)  # sd 4.24
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_arl", 0, 40.0)
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 0, 50.0)
+    text, _, _ = report(load_suite("table3"), "cpu-mini", tmp_path)
+    contrast = text.split("Contrast nal − arl")[1]
+    rows = {line.split(" | ")[0].strip("| "): line for line in contrast.splitlines() if line.startswith("| ")}
+    header = "| depth | nal − arl measured | sd arl + sd nal | exceeds the spread | nal − arl paper |"
+    assert rows["depth"] == header
+    assert rows["56"] == "| 56 | +5.00 | 2.00 | yes | +0.37 |"  # 5 > 1 + 1
+    assert rows["92"] == "| 92 | +0.00 | 7.07 | no | +0.36 |"
+    assert rows["128"] == "| 128 | +10.00 | - | - | +1.13 |"  # one seed: no spread to weigh it against
+    assert rows["164"] == "| 164 | - | - | - | +2.87 |"
+    assert "Contrast" not in report(load_suite("table4"), "cpu-mini", tmp_path)[0]  # a suite without one
+
+
+def test_suite_contrast_must_name_two_column_values():
+    spec = yaml.safe_load((SUITES_DIR / "arl_vs_nal" / "suite.yaml").read_text())
+    assert _parse("arl_vs_nal", spec).contrast == ("arl", "nal")
+    with pytest.raises(SuiteError, match="contrast must name two values of its column factor 'learning'"):
+        _parse("arl_vs_nal", {**spec, "contrast": ["arl", "ral"]})
 
 
 def test_report_cli_prints_and_writes(tmp_path, capsys):
