@@ -118,16 +118,41 @@ def collect(suite: Suite, budget: str, root: Path, seeds: list[int] | None = Non
     return cells
 
 
-def contrast_table(suite: Suite, cells: list[Cell]) -> str:
-    """The suite's `contrast` (two column values, baseline first; e.g. ARL vs NAL): per row and metric, the
-    second's mean minus the first's, beside the seed spread (the sum of their two standard deviations over
-    seeds) and the paper's difference. A difference "exceeds" the spread when it is larger than that sum, i.e.
-    the two mean ± sd ranges do not overlap; a cell of one seed has no spread. '' for a suite without one."""
+CONTRAST_COLUMNS = ["row", "metric", "diff", "seed_spread", "exceeds_spread", "paper_diff", "complete"]
+
+
+def contrasts(suite: Suite, cells: list[Cell]) -> list[list[Any]]:
+    """The suite's `contrast` (two column values, baseline first; e.g. ARL vs NAL) per row and metric:
+    [row factor value, metric, the second's mean minus the first's, the seed spread (the sum of their two
+    standard deviations over seeds), whether the difference exceeds it, the paper's difference, whether every
+    seed of both cells was tested (a partial contrast is marked so in the markdown)]. A difference
+    exceeds the spread when it is larger than that sum, i.e. the two mean ± sd ranges do not overlap; where a
+    cell has no figure or one seed, the missing entries are None. [] for a suite without a contrast."""
     if suite.contrast is None:
-        return ""
+        return []
     first, second = suite.contrast
     index = _index(suite, cells)
-    rows = sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
+    out = []
+    for row in sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural):
+        for metric in suite.metrics:
+            a, b = index.get((row, first, metric)), index.get((row, second, metric))
+            paper = b.paper - a.paper if a and b and a.paper is not None and b.paper is not None else None
+            diff = spread = None
+            if a and b and a.mean is not None and b.mean is not None:
+                diff = b.mean - a.mean
+                spread = a.std + b.std if a.std is not None and b.std is not None else None
+            exceeds = None if diff is None or spread is None else abs(diff) > spread
+            complete = bool(a and b and a.status == b.status == "done")
+            out.append([row, metric, diff, spread, exceeds, paper, complete])
+    return out
+
+
+def contrast_table(suite: Suite, cells: list[Cell]) -> str:
+    """:func:`contrasts` as markdown: a row per row factor value, four columns per metric. '' without one."""
+    entries = contrasts(suite, cells)
+    if not entries:
+        return ""
+    first, second = suite.contrast or ("", "")
     name = f"{second} − {first}"
     lines = [
         f"Contrast {name}: the difference of the means; it exceeds the seed spread when it is larger than "
@@ -143,20 +168,14 @@ def contrast_table(suite: Suite, cells: list[Cell]) -> str:
             "exceeds the spread",
             f"{name}{label} paper",
         ]
-    table = []
-    for row in rows:
-        line = [row]
-        for metric in suite.metrics:
-            a, b = index.get((row, first, metric)), index.get((row, second, metric))
-            paper = b.paper - a.paper if a and b and a.paper is not None and b.paper is not None else None
-            diff = spread = None
-            if a and b and a.mean is not None and b.mean is not None:
-                diff = b.mean - a.mean
-                spread = a.std + b.std if a.std is not None and b.std is not None else None
-            verdict = "-" if diff is None or spread is None else ("yes" if abs(diff) > spread else "no")
-            line += [_fmt(diff, signed=True), _fmt(spread), verdict, _fmt(paper, signed=True)]
-        table.append(line)
-    return "\n".join(lines + markdown_lines(header, table)) + "\n"
+    table: dict[str, list[str]] = {}
+    for row, _, diff, spread, exceeds, paper, complete in entries:
+        verdict = "-" if exceeds is None else ("yes" if exceeds else "no")
+        verdict += "" if complete or diff is None else " [partial]"
+        table.setdefault(row, [row]).extend(
+            [_fmt(diff, signed=True), _fmt(spread), verdict, _fmt(paper, signed=True)]
+        )
+    return "\n".join(lines + markdown_lines(header, list(table.values()))) + "\n"
 
 
 def _index(suite: Suite, cells: list[Cell]) -> dict[tuple[str, str, str], Cell]:
@@ -302,10 +321,11 @@ def log_to_wandb(
     suite: Suite, budget: str, cells: list[Cell], picture: Path, root: Path, out_dir: Path
 ) -> str:
     """Log the report to W&B as a run of job type 'report' in the suite's group (the group of its runs): the
-    table as `report/table` (a wandb.Table of :func:`table_rows`) and the chart as `report/chart`. One W&B run
-    per suite and budget, its id kept in `<out>/<suite>-<budget>.wandb_id`, so a later report adds a step to
-    the same run. Online or offline as `ran` decides (:func:`ran.tracking.wandb_mode`); project and entity are
-    those of the suite's runs (`run.project`, `run.entity` of the first run directory's config.yaml).
+    table as `report/table` (a wandb.Table of :func:`table_rows`), the chart as `report/chart` and the suite's
+    contrast as `report/contrast` (:func:`contrasts`). One W&B run per suite and budget, its id kept in
+    `<out>/<suite>-<budget>.wandb_id`, so a later report adds a step to the same run. Online or offline as
+    `ran` decides (:func:`ran.tracking.wandb_mode`); project and entity are those of the suite's runs
+    (`run.project`, `run.entity` of the first run directory's config.yaml).
     Returns the W&B run's id."""
     settings = next(
         (
@@ -341,6 +361,11 @@ def log_to_wandb(
             {
                 "report/table": wandb.Table(columns=header, data=rows),
                 "report/chart": wandb.Image(str(picture)),
+                **(
+                    {"report/contrast": wandb.Table(columns=CONTRAST_COLUMNS, data=contrast)}
+                    if (contrast := contrasts(suite, cells))
+                    else {}
+                ),
             }
         )
     finally:

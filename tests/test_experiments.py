@@ -477,6 +477,7 @@ def test_report_weighs_the_suites_contrast_against_the_seed_spread(tmp_path):
         _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_nal", seed, nal)  # sd 4.24
     _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_arl", 0, 40.0)
     _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 0, 50.0)
+    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 1, None, step=40)  # still running
     text, _, _ = report(load_suite("table3"), "cpu-mini", tmp_path)
     contrast = text.split("Contrast nal − arl")[1]
     rows = {line.split(" | ")[0].strip("| "): line for line in contrast.splitlines() if line.startswith("| ")}
@@ -484,7 +485,7 @@ def test_report_weighs_the_suites_contrast_against_the_seed_spread(tmp_path):
     assert rows["depth"] == header
     assert rows["56"] == "| 56 | +5.00 | 2.00 | yes | +0.37 |"  # 5 > 1 + 1
     assert rows["92"] == "| 92 | +0.00 | 7.07 | no | +0.36 |"
-    assert rows["128"] == "| 128 | +10.00 | - | - | +1.13 |"  # one seed: no spread to weigh it against
+    assert rows["128"] == "| 128 | +10.00 | - | - [partial] | +1.13 |"  # one seed: no spread to weigh
     assert rows["164"] == "| 164 | - | - | - | +2.87 |"
     assert "Contrast" not in report(load_suite("table4"), "cpu-mini", tmp_path)[0]  # a suite without one
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from test_experiments import _finish
 from test_wandb_record import offline_record
@@ -69,6 +70,23 @@ def test_report_writes_a_png_and_logs_table_and_chart_to_wandb(tmp_path, monkeyp
     assert experiments_main(args) == 0
     assert (out / "mask_structure-smoke.wandb_id").read_text().strip() == run_id
     assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_report_logs_the_suites_contrast_to_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for seed, (arl, nal) in enumerate([(30.0, 35.0), (32.0, 37.0)]):
+        _finish(tmp_path, "arl_vs_nal", "smoke", "attention56_arl", seed, arl)
+        _finish(tmp_path, "arl_vs_nal", "smoke", "attention56_nal", seed, nal)
+    out = tmp_path / "out"
+    args = ["report", "table3", "--budget", "smoke", "--root", str(tmp_path), "--out", str(out), "--wandb"]
+    assert experiments_main(args) == 0
+    record = offline_record(out, (out / "arl_vs_nal-smoke.wandb_id").read_text().strip())
+    files = record["files"][0].parent / "files"
+    table = json.loads(next(files.rglob("report/contrast_*.table.json")).read_text())
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert rows["56"]["diff"] == 5.0 and rows["56"]["seed_spread"] == pytest.approx(2 * 2**0.5)
+    assert rows["56"]["exceeds_spread"] is True and rows["56"]["paper_diff"] == pytest.approx(0.37)
+    assert rows["92"]["diff"] is None and rows["92"]["paper_diff"] == pytest.approx(0.36)
 
 
 def test_report_without_wandb_opens_no_run(tmp_path):
