@@ -249,8 +249,7 @@ def run_local(
 
     def stop(signum=None, frame=None) -> None:
         """Interrupted (Ctrl-C or SIGTERM): end the running `ran` processes too; each keeps its last
-        checkpoint
-        and a later launch resumes it."""
+        checkpoint and a later launch resumes it."""
         stopping.set()
         for proc in list(running):
             proc.send_signal(signal.SIGINT)
