@@ -177,8 +177,8 @@ def report_chart(
     """A suite's report as grouped bars: one group per row of its table (`groups[row][series] = (measured
     mean, spread over seeds, paper figure)`, None where there is none); for each series a solid bar of the
     measured figure, with the spread as an error bar, beside a hatched bar of the paper's figure in the same
-    colour. A measured bar is labelled with its value, a missing one with "missing"; a paper figure that is
-    missing leaves its bar out."""
+    colour. A measured bar is labelled with its value, one without a result (missing, unfinished, failed)
+    with "no result"; a paper figure that is missing leaves its bar out."""
     rows = list(groups)
     series = list(dict.fromkeys(name for g in groups.values() for name in g))
     colours = [f"C{i % 10}" for i in range(len(series))]
@@ -199,7 +199,7 @@ def report_chart(
         for position, value in zip(x + offset, measured):
             if math.isnan(value):
                 ax.text(
-                    position, 0, " missing", rotation=90, ha="center", va="bottom", fontsize=7, color=colour
+                    position, 0, " no result", rotation=90, ha="center", va="bottom", fontsize=7, color=colour
                 )
         ax.bar(x + offset + width, paper, width, color=colour, alpha=0.35, hatch="//", label=f"{name} paper")
     ax.set_xticks(x, rows)
