@@ -133,7 +133,7 @@ def contrasts(suite: Suite, cells: list[Cell]) -> list[list[Any]]:
     first, second = suite.contrast
     index = _index(suite, cells)
     out = []
-    for row in sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural):
+    for row in _rows(suite, cells):
         for metric in suite.metrics:
             a, b = index.get((row, first, metric)), index.get((row, second, metric))
             paper = b.paper - a.paper if a and b and a.paper is not None and b.paper is not None else None
@@ -178,6 +178,11 @@ def contrast_table(suite: Suite, cells: list[Cell]) -> str:
     return "\n".join(lines + markdown_lines(header, list(table.values()))) + "\n"
 
 
+def _rows(suite: Suite, cells: list[Cell]) -> list[str]:
+    """The row factor's values, in natural order (56 before 128)."""
+    return sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
+
+
 def _index(suite: Suite, cells: list[Cell]) -> dict[tuple[str, str, str], Cell]:
     """The cells by (row factor value, column factor value or '', metric)."""
     return {
@@ -204,7 +209,7 @@ def markdown_table(suite: Suite, budget: str, cells: list[Cell]) -> str:
         if suite.columns
         else [""]
     )
-    rows = sorted({str(c.run.factors.get(suite.rows)) for c in cells}, key=_natural)
+    rows = _rows(suite, cells)
     header = [suite.rows]
     for col in columns:
         for metric in suite.metrics:
