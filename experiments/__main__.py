@@ -226,7 +226,15 @@ def _run(args: argparse.Namespace, suite) -> int:
         )
         run_slurm(jobs, options, submit=not args.dry_run)
         return 0
-    statuses = run_local(jobs, parallel=args.parallel, threads=args.threads)
+    try:
+        statuses = run_local(jobs, parallel=args.parallel, threads=args.threads)
+    except KeyboardInterrupt:
+        print(
+            "experiments run: interrupted; the running runs saved last.ckpt, and the same command resumes "
+            "the suite where it stopped",
+            file=sys.stderr,
+        )
+        return 130
     failed = [name for name, status in statuses.items() if status]
     print(
         f"{len(statuses) - len(failed)} of {len(statuses)} runs finished"

@@ -222,8 +222,13 @@ def run_local(
             status = run_job(job, state, log_path, job_env)
         finally:
             slots.put(slot)
-        verb = "done" if status == 0 else f"fail (exit {status}; see {log_path})"
-        log(f"[{'done' if status == 0 else 'fail'}] {job.name} in {time.time() - start:.0f} s: {verb}")
+        took = f"{job.name} in {time.time() - start:.0f} s"
+        if status == 0:
+            log(f"[done] {took}: done")
+        elif stopping.is_set():
+            log(f"[stop] {took}: interrupted (exit {status}); the same command resumes it from last.ckpt")
+        else:
+            log(f"[fail] {took}: fail (exit {status}; see {log_path})")
         statuses[job.name] = status
 
     def run_job(job: Job, state: str, log_path: Path, env: dict[str, str]) -> int:

@@ -558,3 +558,30 @@ time.sleep(60)
         run_local(jobs, log=lambda _: None)
     assert time.time() - start < 30
     assert marker.read_text() == "yes"
+
+
+def test_an_interrupted_suite_says_so_in_one_line_and_exits_130(tmp_path, monkeypatch, capsys):
+    """SIGTERM to `python -m experiments run`: each run it stopped is logged as resumable (not as a failure),
+    and the command ends with one line and exit 130, not a traceback."""
+    import signal
+    import threading
+
+    script = tmp_path / "ran"
+    script.write_text(f"""#!{sys.executable}
+import signal, sys, time
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+time.sleep(60)
+""")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(script))
+    threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    argv = ["run", "mask_structure", "--budget", "smoke", "--root", str(tmp_path / "runs"), "--parallel", "2"]
+    assert experiments_main(argv) == 130
+    out, err = capsys.readouterr()
+    stopped = [line for line in out.splitlines() if line.startswith("[stop]")]
+    assert len(stopped) == 2 and all("the same command resumes it from last.ckpt" in line for line in stopped)
+    assert "[fail]" not in out and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "experiments run: interrupted; the running runs saved last.ckpt, and the same command resumes the "
+        "suite where it stopped"
+    ]
