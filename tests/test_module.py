@@ -67,6 +67,12 @@ def test_cosine_schedule_and_warmup():
     assert warm(10) == pytest.approx(0.1)
 
 
+def test_linear_schedule_decays_to_zero_after_the_warmup():
+    linear = LRFactor("linear", warmup_steps=10, total_steps=110)
+    assert [linear(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [linear(s) for s in (10, 35, 60, 85, 110, 200)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+
+
 # --- the module ---------------------------------------------------------------------------------------------
 
 
