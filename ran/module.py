@@ -5,9 +5,8 @@ Recipe (Sec. 4.1 CIFAR, Sec. 4.2 ImageNet): cross-entropy, SGD with Nesterov mom
 400k and 500k, stop at 530k; the stop is `trainer.max_steps`). The learning rate is given at
 `base_batch_size` and can be scaled linearly with the global batch (per-device batch x devices x nodes x
 gradient accumulation). Cosine and linear decay over `trainer.max_steps` are the alternatives for a compressed
-schedule. Metrics: top-1/top-5
-accuracy and top-1/top-5 error in % (the paper reports error), the best validation top-1, and per-class test
-accuracy.
+schedule. Metrics: top-1/top-5 accuracy and top-1/top-5 error in % (the paper reports error), the best
+validation top-1, and per-class test accuracy.
 """
 
 from __future__ import annotations
@@ -126,8 +125,8 @@ class ImageClassifier(pl.LightningModule):
         scale_lr: multiply `lr` by global batch / `base_batch_size` (linear scaling rule).
         momentum, nesterov, weight_decay: SGD settings (0.9, Nesterov, 1e-4 in the paper).
         schedule: 'step' (the paper's), 'cosine' or 'linear' (decay to 0 over `trainer.max_steps`, for a
-            compressed schedule; see `LRFactor`); the scheduler steps every
-            optimizer step, so `milestones` count iterations.
+            compressed schedule; see `LRFactor`); the scheduler steps every optimizer step, so `milestones`
+            count iterations.
         milestones, gamma: iterations at which the learning rate is multiplied by `gamma`.
         warmup_steps: linear warm-up iterations (0 in the paper; helps large scaled learning rates).
         sync_batchnorm: use SyncBatchNorm when training on more than one CUDA process (never on CPU).

@@ -533,24 +533,30 @@ def test_budgets_are_overlays_of_known_keys():
             assert set(cfg) <= {"model", "trainer", "data", "run"}, (family, budget)
 
 
-def test_interrupting_the_local_launcher_ends_its_runs(tmp_path, monkeypatch):
-    """SIGTERM to the launcher reaches the `ran` process it started, instead of leaving it running."""
-    import signal
-    import threading
-    import time
-
+def stand_in_ran(tmp_path, monkeypatch, on_sigint: str = "pass") -> None:
+    """Make the launcher start a stand-in `ran` that sleeps for a minute, and on SIGINT runs `on_sigint` and
+    exits 130 (as `ran fit` does once it has saved last.ckpt)."""
     script = tmp_path / "ran"
-    marker = tmp_path / "interrupted"
     script.write_text(f"""#!{sys.executable}
 import signal, sys, time
 def bye(*_):
-    open({str(marker)!r}, "w").write("yes")
+    {on_sigint}
     sys.exit(130)
 signal.signal(signal.SIGINT, bye)
 time.sleep(60)
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(script))
+
+
+def test_interrupting_the_local_launcher_ends_its_runs(tmp_path, monkeypatch):
+    """SIGTERM to the launcher reaches the `ran` process it started, instead of leaving it running."""
+    import signal
+    import threading
+    import time
+
+    marker = tmp_path / "interrupted"
+    stand_in_ran(tmp_path, monkeypatch, f"open({str(marker)!r}, 'w').write('yes')")
     jobs = make_jobs(load_suite("mask_structure"), "smoke", [0], tmp_path / "runs")
     threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
     start = time.time()
@@ -566,14 +572,7 @@ def test_an_interrupted_suite_says_so_in_one_line_and_exits_130(tmp_path, monkey
     import signal
     import threading
 
-    script = tmp_path / "ran"
-    script.write_text(f"""#!{sys.executable}
-import signal, sys, time
-signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
-time.sleep(60)
-""")
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr("experiments.launch.ran_executable", lambda: str(script))
+    stand_in_ran(tmp_path, monkeypatch)
     threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
     argv = ["run", "mask_structure", "--budget", "smoke", "--root", str(tmp_path / "runs"), "--parallel", "2"]
     assert experiments_main(argv) == 130
