@@ -476,9 +476,11 @@ def test_print_config_shows_the_merged_config(config, capsys):
     assert printed["data"]["class_path"] == merged["data"]["class_path"]
     assert printed["trainer"]["max_steps"] == merged["trainer"]["max_steps"]
     assert printed["run"]["name"] == merged["run"]["name"]
-    if "cpu" in config.stem:  # the CPU configs compress the schedule, and keep the paper's optimiser
+    if "cpu" in config.stem:  # the CPU configs compress the schedule, and keep the paper's lr and batch
         assert printed["trainer"]["max_steps"] < 20_000 and printed["model"]["lr"] == 0.1
-        assert printed["model"]["weight_decay"] == 1e-4 and printed["data"]["init_args"]["batch_size"] == 64
+        assert printed["data"]["init_args"]["batch_size"] == 64
+        # the paper's weight decay, but for the accuracy reference's measured 5e-4 (its header says why)
+        assert printed["model"]["weight_decay"] == (5e-4 if "reference" in config.stem else 1e-4)
     else:
         dataset = config.parent.name
         milestones = [200_000, 400_000, 500_000] if dataset == "imagenet" else [64_000, 96_000]
