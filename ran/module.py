@@ -100,6 +100,8 @@ def check_recipe(hp: Any) -> None:
         raise ValueError(f"model.momentum must be in [0, 1), got {hp.momentum}")
     if hp.weight_decay < 0:
         raise ValueError(f"model.weight_decay must be >= 0, got {hp.weight_decay}")
+    if not 0 <= hp.label_smoothing < 1:
+        raise ValueError(f"model.label_smoothing must be in [0, 1), got {hp.label_smoothing}")
     if not 0 < hp.gamma <= 1:
         raise ValueError(f"model.gamma must be in (0, 1], got {hp.gamma}")
     if hp.warmup_steps < 0 or hp.base_batch_size < 1:
@@ -124,6 +126,9 @@ class ImageClassifier(pl.LightningModule):
         base_batch_size: the global batch size `lr` is given for.
         scale_lr: multiply `lr` by global batch / `base_batch_size` (linear scaling rule).
         momentum, nesterov, weight_decay: SGD settings (0.9, Nesterov, 1e-4 in the paper).
+        label_smoothing: weight of the uniform distribution mixed into the training targets (Szegedy et al.,
+            CVPR 2016; 0 in the paper). Only the training loss: validation and test losses stay plain
+            cross-entropy, comparable between runs.
         schedule: 'step' (the paper's), 'cosine' or 'linear' (decay to 0 over `trainer.max_steps`, for a
             compressed schedule; see `LRFactor`); the scheduler steps every optimizer step, so `milestones`
             count iterations.
@@ -155,6 +160,7 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 1e-4,
+        label_smoothing: float = 0.0,
         schedule: Schedule = "step",
         milestones: Sequence[int] = (64_000, 96_000),
         gamma: float = 0.1,
@@ -175,7 +181,7 @@ class ImageClassifier(pl.LightningModule):
         )
         self._cuda_graphs = False  # the compiled network replays CUDA graphs
         self.num_classes = num_classes
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # training loss
         self.top_k = min(5, num_classes)
 
         def accuracy(top_k: int = 1, average: str | None = "micro") -> MulticlassAccuracy:
@@ -345,7 +351,7 @@ class ImageClassifier(pl.LightningModule):
         """Update `split`'s loss and top-1/top-5 metrics with one batch; returns the logits."""
         x, y = batch
         logits = self(x)
-        getattr(self, f"{split}_loss").update(self.criterion(logits, y), weight=y.numel())
+        getattr(self, f"{split}_loss").update(nn.functional.cross_entropy(logits, y), weight=y.numel())
         getattr(self, f"{split}_acc1").update(logits, y)
         getattr(self, f"{split}_acc5").update(logits, y)
         return logits

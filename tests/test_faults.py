@@ -160,6 +160,7 @@ def test_an_interrupted_save_leaves_the_old_checkpoint(tmp_path):
         (["--run.over", "true"], "run.over"),  # no abbreviation of --run.overwrite
         (["--model.learnin", "arl"], "model.learnin"),
         (["--model.lr", "-0.1"], "model.lr must be positive, got -0.1"),
+        (["--model.label_smoothing", "1"], "model.label_smoothing must be in [0, 1), got 1"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(flags, message, cifar10_dir, run_root, capsys):

@@ -76,6 +76,21 @@ def test_linear_schedule_decays_to_zero_after_the_warmup():
 # --- the module ---------------------------------------------------------------------------------------------
 
 
+def test_label_smoothing_softens_the_training_loss_only():
+    torch.manual_seed(0)
+    model = tiny(label_smoothing=0.1).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
+    logits = model(x)
+    smoothed = model.training_step((x, y), 0)
+    plain = nn.functional.cross_entropy(logits, y)
+    # (1 - eps) * CE + eps * mean over classes of -log p, as the smoothed target gives
+    expected = 0.9 * plain - 0.1 * torch.log_softmax(logits, 1).mean(1).mean()
+    torch.testing.assert_close(smoothed, expected)
+    assert not torch.isclose(smoothed, plain)
+    model._eval_step((x, y), "val")
+    torch.testing.assert_close(model.val_loss.compute(), plain)
+
+
 def test_builds_any_registered_network_with_its_ablation_switches():
     module = ImageClassifier(
         "attention56_cifar",
