@@ -305,7 +305,8 @@ class LastCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer, again: bool = False) -> None:
         if again or trainer.global_step != self.saved_step:
-            trainer.save_checkpoint(self.path)
+            # The whole training state (weights_only=False, said so Lightning does not log that it chose it).
+            trainer.save_checkpoint(self.path, weights_only=False)
             self.saved_step = trainer.global_step
 
     def on_train_batch_end(

@@ -5,6 +5,7 @@ figures, and the report's reading of results.json. Tiny network, fake CIFAR-10, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -26,11 +27,17 @@ def results(run: Path) -> dict:
     return json.loads((run / "results.json").read_text())
 
 
-def test_last_ckpt_is_the_newest_state_every_n_steps_and_at_the_end(cifar10_dir, run_root, tmp_path):
+def test_last_ckpt_is_the_newest_state_every_n_steps_and_at_the_end(cifar10_dir, run_root, tmp_path, caplog):
     run = run_root / "newest"
     probe = callbacks(("LastStepAt", {"step": 5, "run_dir": str(run), "out_dir": str(tmp_path)}))
     args = cifar_fit(cifar10_dir, run_root, "newest", "--run.checkpoint_every_n_steps", "4", steps=6)
-    assert main([*args, "--trainer.callbacks", probe]) == 0
+    saver = logging.getLogger("pytorch_lightning.trainer.connectors.checkpoint_connector")
+    saver.addHandler(caplog.handler)  # Lightning's logger does not propagate to pytest's
+    try:
+        assert main([*args, "--trainer.callbacks", probe]) == 0
+    finally:
+        saver.removeHandler(caplog.handler)
+    assert "weights_only" not in caplog.text  # each save says what it keeps: no line in the log for it
     assert json.loads((tmp_path / "last_step.json").read_text())["step"] == 4  # saved at step 4, not at 0
     assert load_ckpt(run / "checkpoints/last.ckpt")["global_step"] == 6  # the final weights
     assert (run / "checkpoints/best.ckpt").is_file()
