@@ -479,8 +479,11 @@ def test_print_config_shows_the_merged_config(config, capsys):
     if "cpu" in config.stem:  # the CPU configs compress the schedule, and keep the paper's lr and batch
         assert printed["trainer"]["max_steps"] < 20_000 and printed["model"]["lr"] == 0.1
         assert printed["data"]["init_args"]["batch_size"] == 64
-        # the paper's weight decay, but for the accuracy reference's measured 5e-4 (its header says why)
-        assert printed["model"]["weight_decay"] == (5e-4 if "reference" in config.stem else 1e-4)
+        # the paper's weight decay and plain cross-entropy, but for the accuracy reference's measured weight
+        # decay 5e-4 and label smoothing 0.1 (its header says why)
+        reference = "reference" in config.stem
+        assert printed["model"]["weight_decay"] == (5e-4 if reference else 1e-4)
+        assert printed["model"]["label_smoothing"] == (0.1 if reference else 0.0)
     else:
         dataset = config.parent.name
         milestones = [200_000, 400_000, 500_000] if dataset == "imagenet" else [64_000, 96_000]
