@@ -19,10 +19,11 @@ import sys
 from pathlib import Path
 
 from experiments.curves import CurveError
-from experiments.launch import SlurmOptions, command_list, make_jobs, run_local, run_slurm
+from experiments.launch import command_list, make_jobs, run_local
+from experiments.sbatch import SlurmOptions, run_slurm
 from experiments.suites import BUDGETS, SuiteError, load_suite, suite_names
-from ran.allocator import keep_freed_memory
-from ran.config import ConfigError
+from ran.train.allocator import keep_freed_memory
+from ran.train.config import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@
     python -m experiments curves --run-dir runs/a164-arl --run-dir runs/a164-nal --metric val/err1
 
 The figures are each validation's, from the `history` that `ran fit` keeps in a run's results.json
-(`ran.results.ResultsWriter`); accuracies are drawn in %. The PNG goes to `--out`, else to
+(`ran.train.results.ResultsWriter`); accuracies are drawn in %. The PNG goes to `--out`, else to
 `<first run>/analysis/curve_<metric>.png`.
 """
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ran.markdown import markdown_lines
-from ran.rundir import RunDir, UnreadableResults
+from ran.tools.markdown import markdown_lines
+from ran.train.rundir import RunDir, UnreadableResults
 
 __all__ = ["CurveError", "curves", "fit_history"]
 
@@ -46,7 +46,7 @@ def fit_history(run_dir: Path, metric: str) -> list[tuple[float, int, float]]:
 
 def curves(run_dirs: Sequence[Path], metric: str = "val/acc1", out: Path | None = None) -> tuple[str, Path]:
     """The table (markdown) of every run's `metric` per validation and the path of the PNG written."""
-    from ran.pictures import curve_chart  # deferred: matplotlib
+    from ran.tools.pictures import curve_chart  # deferred: matplotlib
 
     if not run_dirs:
         raise CurveError("give at least one --run-dir")

@@ -1,5 +1,5 @@
 """What a suite costs under a budget: runs, iterations, images, training FLOPs and (with `--measure`)
-device-hours from training-step times measured on this machine's device (`ran.measure`)."""
+device-hours from training-step times measured on this machine's device (`ran.tools.measure`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 
 from experiments.launch import make_jobs
 from experiments.suites import Suite, load_suite, suite_names
-from ran.markdown import markdown_lines
-from ran.measure import count_macs, pick_device, train_step_times
-from ran.registry import create_model
+from ran.nn.registry import create_model
+from ran.tools.markdown import markdown_lines
+from ran.tools.measure import count_macs, pick_device, train_step_times
 
 
 @dataclass
@@ -70,8 +70,8 @@ def run_costs(
     suite: Suite, budget: str, seeds: int = 1, macs_cache: dict | None = None, extra: list[str] | None = None
 ) -> list[RunCost]:
     """Every run of `suite` under `budget`, with its recipe and network from the config its `ran fit` resolves
-    (`ran.config`) and its forward multiply-adds counted by torch's FlopCounterMode
-    (`ran.measure.count_macs`)."""
+    (`ran.cli.resolve`) and its forward multiply-adds counted by torch's FlopCounterMode
+    (`ran.tools.measure.count_macs`)."""
     macs_cache = {} if macs_cache is None else macs_cache
     costs = []
     for job in make_jobs(suite, budget, [0], Path("runs"), None, extra):
@@ -104,8 +104,8 @@ def run_costs(
 
 def measure_steps(costs: list[RunCost], steps: int = 6, cache: dict | None = None) -> None:
     """Fill each run's `step_s`: the median training-step time of its network, recipe and per-device batch on
-    this machine's device, through the real module and Trainer (`ran.measure.train_step_times`, synthetic
-    batches, no data loading). Runs that share a network and recipe are measured once."""
+    this machine's device, through the real module and Trainer (`ran.tools.measure.train_step_times`,
+    synthetic batches, no data loading). Runs that share a network and recipe are measured once."""
     device = pick_device("auto")
     cache = {} if cache is None else cache
     for cost in costs:

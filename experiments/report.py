@@ -1,15 +1,14 @@
 """Tables shaped like the paper's, from the runs' own directories.
 
 Each run directory holds `results.json`, written by `ran` during and at the end of `fit` and of `test` (see
-`ran.rundir` and `ran.results.ResultsWriter`). The report reads it for every run and seed of a suite under a
-budget (no network needed), and writes a markdown and a CSV table with the measured figure (mean and spread
-over seeds), the paper's figure beside it and the difference, the suite's contrast (e.g. NAL minus ARL)
-against the seed spread, and a PNG chart of the same; with `--wandb` the table and chart also go to W&B, as a
-run of job type "report" in the suite's group. Only a run whose fit finished and whose test ran counts: one
-never started is "missing"; one still running or stopped is "unfinished (step s/n)"; "interrupted",
+`ran.train.rundir` and `ran.train.results.ResultsWriter`). The report reads it for every run and seed of a
+suite under a budget (no network needed), and writes a markdown and a CSV table with the measured figure (mean
+and spread over seeds), the paper's figure beside it and the difference, the suite's contrast (e.g. NAL minus
+ARL) against the seed spread, and a PNG chart of the same; with `--wandb` the table and chart also go to W&B,
+as a run of job type "report" in the suite's group. Only a run whose fit finished and whose test ran counts:
+one never started is "missing"; one still running or stopped is "unfinished (step s/n)"; "interrupted",
 "diverged" and "failed" runs are shown as such, never with an error rate; a results.json that cannot be read
-is "unreadable", with a warning naming it, and the rest of the report still prints.
-"""
+is "unreadable", with a warning naming it, and the rest of the report still prints."""
 
 from __future__ import annotations
 
@@ -24,10 +23,10 @@ import wandb
 from PIL import Image
 
 from experiments.suites import Run, Suite
-from ran.markdown import markdown_lines
-from ran.pictures import report_chart
-from ran.rundir import RunDir, UnreadableResults
-from ran.tracking import new_wandb_id, wandb_mode
+from ran.tools.markdown import markdown_lines
+from ran.tools.pictures import report_chart
+from ran.train.rundir import RunDir, UnreadableResults
+from ran.train.tracking import new_wandb_id, wandb_mode
 
 
 @dataclass
@@ -245,7 +244,7 @@ def _series(suite: Suite, column: str, metric: str) -> str:
 
 
 def chart(suite: Suite, budget: str, cells: list[Cell]) -> Image.Image:
-    """The report as a picture (:func:`ran.pictures.report_chart`): per row factor value, each column's
+    """The report as a picture (:func:`ran.tools.pictures.report_chart`): per row factor value, each column's
     measured mean (its spread over seeds as an error bar) beside the paper's figure."""
     groups: dict[str, dict[str, tuple[float | None, float | None, float | None]]] = {}
     for cell in sorted(cells, key=lambda c: _natural(str(c.run.factors.get(suite.rows)))):
@@ -329,7 +328,7 @@ def log_to_wandb(
     table as `report/table` (a wandb.Table of :func:`table_rows`), the chart as `report/chart` and the suite's
     contrast as `report/contrast` (:func:`contrasts`). One W&B run per suite and budget, its id kept in
     `<out>/<suite>-<budget>.wandb_id`, so a later report adds a step to the same run. Online or offline as
-    `ran` decides (:func:`ran.tracking.wandb_mode`); project and entity are those of the suite's runs
+    `ran` decides (:func:`ran.train.tracking.wandb_mode`); project and entity are those of the suite's runs
     (`run.project`, `run.entity` of the first run directory's config.yaml).
     Returns the W&B run's id."""
     settings = next(

@@ -1,6 +1,10 @@
-"""Residual Attention Networks (Wang et al., CVPR 2017) for PyTorch and PyTorch Lightning."""
+"""Residual Attention Networks (Wang et al., CVPR 2017) for PyTorch and PyTorch Lightning.
 
-from ran.layers import (
+`ran.nn`: the networks (plain PyTorch); `ran.train`: training them with Lightning; `ran.tools`: measurement,
+summaries, pictures; `ran.cli`: the `ran` command. The networks' API is re-exported here.
+"""
+
+from ran.nn import (
     ATTENTIONS,
     LEARNINGS,
     MASKS,
@@ -8,10 +12,13 @@ from ran.layers import (
     AttentionModule,
     PostActBottleneck,
     PreActBottleneck,
+    ResidualAttentionNet,
     UnitSpec,
+    create_model,
+    list_models,
+    model_entrypoint,
+    register_model,
 )
-from ran.models import ResidualAttentionNet
-from ran.registry import create_model, list_models, model_entrypoint, register_model
 
 __version__ = "0.1.0"
 

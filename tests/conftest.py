@@ -47,6 +47,28 @@ def cifar10_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def cifar10_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only fake CIFAR-10 for the datamodule tests: 5 x 100 training images (50 per class), 100 test
+    images."""
+    import datagen
+
+    root = tmp_path_factory.mktemp("cifar10")
+    datagen.make_cifar10(root, n_train_per_batch=100, n_test=100)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only fake CIFAR-100 for the datamodule tests: 500 training images (5 per class), 200 test
+    images."""
+    import datagen
+
+    root = tmp_path_factory.mktemp("cifar100")
+    datagen.make_cifar100(root, n_train=500, n_test=200)
+    return root
+
+
 @pytest.fixture(scope="session")
 def cifar100_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fake CIFAR-100 in the official layout: 300 training images, 100 test images."""

@@ -179,3 +179,10 @@ def corrupt_file(path: str | Path, payload: bytes = b"this is not an image\n") -
     path = Path(path)
     path.write_bytes(payload)
     return path
+
+
+def read_cifar_pickle(folder: Path, name: str, label_key: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """The `data` array and the labels of one CIFAR pickle file, read directly (the tests' reference)."""
+    with open(folder / name, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return entry["data"], np.asarray(entry[label_key])

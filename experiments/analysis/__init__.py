@@ -6,8 +6,8 @@
 
 The networks they look at (module, checkpoint, registered name, run directory): :mod:`.networks`; their
 images: :mod:`.images`; the W&B run they attach to: :mod:`.tracking`; the command line
-(`python -m experiments responses|masks`): :mod:`.cli`. The pictures themselves are drawn by `ran.pictures`.
-"""
+(`python -m experiments responses|masks`): :mod:`.cli`. The pictures themselves are drawn by
+`ran.tools.pictures`."""
 
 from experiments.analysis.cli import AnalysisError, main
 from experiments.analysis.images import DATASETS, AnalysisImages, load_analysis_images

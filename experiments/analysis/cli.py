@@ -44,7 +44,7 @@ from experiments.analysis.networks import (
 )
 from experiments.analysis.responses import compare_responses
 from experiments.analysis.tracking import attached_wandb_run
-from ran.registry import list_models
+from ran.nn.registry import list_models
 
 __all__ = ["AnalysisError", "main"]
 

@@ -1,6 +1,7 @@
 """Soft-mask pictures of a trained (or freshly initialised) network: every Attention Module's mask M(x) over a
 few input images, as the paper illustrates its masks (Wang et al., CVPR 2017, Fig. 1), drawn by
-`ran.pictures.mask_grid` (the picture the training callback `ran.mask_monitor.SoftMaskMonitor` logs too)."""
+`ran.tools.pictures.mask_grid` (the picture the training callback `ran.tools.mask_monitor.SoftMaskMonitor`
+logs too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 from datamodules import normalize_batch
 from experiments.analysis.networks import evaluation, unwrap
 from experiments.analysis.tracking import active_wandb_run
-from ran.pictures import mask_grid
+from ran.tools.pictures import mask_grid
 
 __all__ = ["MASKS_FILE", "save_mask_pictures"]
 
@@ -32,8 +33,8 @@ def save_mask_pictures(
     title: str = "",
 ) -> Path | None:
     """Write `<out_dir>/masks.png`, the grid of every Attention Module's soft mask over up to `max_images`
-    images (rows images, columns modules; see `ran.pictures.mask_grid`), and log it to the active W&B run as
-    `masks/analysis`, if there is one. Returns the file, or None for a network without soft masks (no
+    images (rows images, columns modules; see `ran.tools.pictures.mask_grid`), and log it to the active W&B
+    run as `masks/analysis`, if there is one. Returns the file, or None for a network without soft masks (no
     Attention Modules, or mask='none')."""
     if images_uint8.dtype != torch.uint8 or images_uint8.ndim != 4:
         raise TypeError(

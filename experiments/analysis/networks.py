@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ran.module import ImageClassifier
-from ran.registry import create_model, list_models
-from ran.rundir import RunDir
+from ran.nn.registry import create_model, list_models
+from ran.train.module import ImageClassifier
+from ran.train.rundir import RunDir
 
 __all__ = [
     "BN_STATS",

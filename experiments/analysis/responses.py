@@ -19,8 +19,8 @@ from torch import nn
 
 from experiments.analysis.networks import NetworkSpec, evaluation, resolve_network, unwrap
 from experiments.analysis.tracking import active_wandb_run
-from ran.markdown import markdown_lines
-from ran.pictures import response_chart
+from ran.tools.markdown import markdown_lines
+from ran.tools.pictures import response_chart
 
 __all__ = ["RESPONSE_TITLE", "ResponseTable", "compare_responses", "stage_responses"]
 

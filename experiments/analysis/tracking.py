@@ -9,8 +9,8 @@ from typing import Any
 import wandb
 
 from experiments.analysis.networks import RunDirectory
-from ran.rundir import WANDB_ID_FILE
-from ran.tracking import wandb_mode
+from ran.train.rundir import WANDB_ID_FILE
+from ran.train.tracking import wandb_mode
 
 __all__ = ["active_wandb_run", "attached_wandb_run"]
 
