@@ -313,7 +313,8 @@ class LastCheckpoint(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer)
+            if not _validates_after_this_batch(trainer):  # else saved at the validation's end
+                self.save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -323,6 +324,17 @@ class LastCheckpoint(pl.Callback):
         # Saved again even at the step of the last validation: a save inside validation precedes Lightning's
         # count of logged steps for that step, so a run extended from it would log one step behind.
         self.save(trainer, again=True)
+
+
+def _validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after the current training batch. A state saved before that
+    validation would skip it on resume (Lightning takes a checkpoint of a batch's end as past the batch's
+    validation), and with it the validation's best.ckpt candidate and results."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher)) and not loop._skip_next_val
+    except (AttributeError, TypeError):  # another Lightning's loop: save as before
+        return False
 
 
 class GracefulStop(pl.Callback):

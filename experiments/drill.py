@@ -1,0 +1,215 @@
+"""The chaos drill: a suite launched locally, killed at random moments and launched again each time, must end
+as if it had never been interrupted.
+
+    python -m experiments.drill --data-dir ../shared/data                     # 20 kills of a smoke suite
+    python -m experiments.drill --data-dir DATA --kills 5 --seeds 0 --root /tmp/drill
+
+It runs the suite (default: Table 4's, smoke budget, seeds 0 and 1, `--parallel 2`, deterministic, a few
+dozen steps with frequent checkpoints) once without interruption, then again under fire: it starts the same
+`python -m experiments run` command, waits a random time, and kills it, `--kills` times, each time one of
+
+- SIGTERM to the launcher (a scheduler's stop, Ctrl-C): the launcher stops its runs, which save and exit;
+- kill -9 of the launcher and every process it started (a node crash, an OOM kill of the job);
+- kill -9 of the launcher alone: its runs go on as orphans, holding their runs' locks, and the next launcher
+  waits for them rather than train their runs a second time.
+
+Then it starts the command once more and lets it finish, and checks every run: finished, tested, and its
+results.json figures and its final and best weights bit-identical to the uninterrupted suite's. It prints one
+line per kill and per run and exits 0 only if every run is identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from experiments.launch import make_jobs
+from experiments.suites import BUDGETS, load_suite
+from ran.train.rundir import RunDir
+
+# What the drill adds to the budget: enough steps that kills land in training, validation and saving too, a
+# checkpoint every 4 steps (at a validation step too, at step 20), deterministic kernels.
+DRILL_OVERRIDES = [
+    "--trainer.max_steps",
+    "30",
+    "--trainer.val_check_interval",
+    "10",
+    "--run.checkpoint_every_n_steps",
+    "4",
+    "--trainer.deterministic",
+    "true",
+]
+KILLS = ("SIGTERM to the launcher", "kill -9 of the launcher and its runs", "kill -9 of the launcher alone")
+FIT_KEYS = ("status", "global_step", "max_steps", "epoch", "metrics", "history", "best_model_score", "error")
+
+__all__ = ["compare_runs", "drill", "main"]
+
+
+def _launch_command(args: argparse.Namespace, root: Path) -> list[str]:
+    command = [sys.executable, "-m", "experiments", "run", args.suite, "--budget", args.budget]
+    command += ["--root", str(root), "--parallel", str(args.parallel), "--seeds", *map(str, args.seeds)]
+    command += ["--data-dir", str(args.data_dir)]
+    return [*command, "--", *DRILL_OVERRIDES, *args.overrides]
+
+
+def _start(command: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "a") as out:  # the launcher leads its own process group: its runs are that group
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def _same_weights(a: dict[str, torch.Tensor] | None, b: dict[str, torch.Tensor] | None) -> bool:
+    if a is None or b is None or a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def compare_runs(reference: Path, drilled: Path) -> list[str]:
+    """What differs between two run directories of the same run: the fit's figures in results.json, the test
+    metrics, the final (last.ckpt) and best (best.ckpt) weights; [] when nothing does."""
+    ref, got = RunDir(reference), RunDir(drilled)
+    ref_results, got_results = ref.read_results(), got.read_results()
+    problems = []
+    if got.fit_status() != "finished":
+        problems.append(f"fit status {got.fit_status()!r}")
+    for key in FIT_KEYS:
+        if ref_results.get("fit", {}).get(key) != got_results.get("fit", {}).get(key):
+            problems.append(f"results.json fit.{key}")
+    if "test" not in got_results:
+        problems.append("not tested")
+    elif ref_results.get("test", {}).get("metrics") != got_results["test"].get("metrics"):
+        problems.append("results.json test.metrics")
+    for name in ("last.ckpt", "best.ckpt"):
+        if not _same_weights(_weights(ref.checkpoints / name), _weights(got.checkpoints / name)):
+            problems.append(f"{name} weights")
+    return problems
+
+
+def drill(args: argparse.Namespace, say=print) -> bool:
+    """Run the drill (see the module docstring); True when every run ended identical."""
+    rng = random.Random(args.seed)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    suite = load_suite(args.suite)
+    jobs = {job.name: job for job in make_jobs(suite, args.budget, args.seeds, root / "drill")}
+    names = sorted(jobs)
+
+    start = time.time()
+    reference = _start(_launch_command(args, root / "reference"), root / "reference.log")
+    if reference.wait() != 0:
+        say(f"[drill] the uninterrupted suite failed (exit {reference.returncode}; see {root}/reference.log)")
+        return False
+    took = time.time() - start
+    say(f"[drill] reference: {len(names)} runs without interruption in {took:.0f} s")
+
+    command = _launch_command(args, root / "drill")
+    groups: list[int] = []  # the process groups of killed launchers, whose orphans may still run
+    counts = dict.fromkeys(KILLS, 0)
+    for kill in range(1, args.kills + 1):
+        launcher = _start(command, root / "drill.log")
+        groups.append(launcher.pid)
+        wait = rng.uniform(args.min_wait, args.max_wait_share * took)
+        how = rng.choice(KILLS)
+        try:
+            code = launcher.wait(timeout=wait)
+            verdict = f"ended by itself first (exit {code})"
+        except subprocess.TimeoutExpired:
+            if how == KILLS[0]:
+                launcher.send_signal(signal.SIGTERM)
+                try:
+                    code = launcher.wait(timeout=180)
+                except subprocess.TimeoutExpired:
+                    os.killpg(launcher.pid, signal.SIGKILL)
+                    code = launcher.wait()
+            elif how == KILLS[1]:
+                os.killpg(launcher.pid, signal.SIGKILL)
+                code = launcher.wait()
+            else:
+                launcher.kill()
+                code = launcher.wait()
+            counts[how] += 1
+            verdict = f"{how}: exit {code}"
+        done = sum(jobs[n].state() == "done" for n in names)
+        say(f"[kill {kill:2d}/{args.kills}] after {wait:5.1f} s, {verdict}; runs done {done}/{len(names)}")
+
+    start = time.time()
+    final = _start(command, root / "drill.log")
+    code = final.wait()
+    while any(_group_alive(pgid) for pgid in groups):  # orphans of the last killed launchers
+        time.sleep(1)
+    say(f"[final] restart {args.kills + 1} ran to the end in {time.time() - start:.0f} s: exit {code}")
+
+    identical = 0
+    for name in names:
+        problems = compare_runs(root / "reference" / name, jobs[name].run_dir)
+        identical += not problems
+        verdict = "identical (fit and test figures, last and best weights)" if not problems else problems
+        say(f"[check] {name}: {verdict}")
+    kinds = ", ".join(f"{n} {how}" for how, n in counts.items())
+    say(
+        f"[drill] {args.kills} kills ({kinds}), {args.kills + 1} restarts: {identical} of {len(names)} runs "
+        "finished, tested and identical to the uninterrupted suite"
+    )
+    return code == 0 and identical == len(names)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.drill",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arguments after `--` are passed to every run, after the drill's own: "
+        + " ".join(DRILL_OVERRIDES),
+    )
+    parser.add_argument("--data-dir", type=Path, required=True, help="the suite's dataset folder")
+    parser.add_argument("--suite", default="mask_structure", help="a suite (default: Table 4's, 2 runs)")
+    parser.add_argument("--budget", default="smoke", choices=BUDGETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="the drill's own: kill times and kinds")
+    parser.add_argument("--min-wait", type=float, default=2.0, help="seconds before a kill, at least")
+    parser.add_argument(
+        "--max-wait-share",
+        type=float,
+        default=0.6,
+        help="seconds before a kill, at most, as a share of the uninterrupted suite's time",
+    )
+    parser.add_argument("--root", type=Path, default=Path("runs/drill"), help="its two suites' roots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args: Any = _parser().parse_args(argv[:split])
+    args.overrides = argv[split + 1 :]
+    return 0 if drill(args) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
