@@ -109,7 +109,23 @@ def compare_runs(reference: Path, drilled: Path) -> list[str]:
     return problems
 
 
-def drill(args: argparse.Namespace, say=print) -> bool:
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def fit_starts(log: Path) -> tuple[int, list[str]]:
+    """How often a run's log shows its fit started, and the checkpoints the fits that resumed started from."""
+    starts, resumed, stage = 0, [], None
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else ():
+        if line.startswith("$ ran "):
+            stage = line.split()[2]
+            starts += stage == "fit"
+        elif stage == "fit" and line.startswith("Restoring states from the checkpoint path at "):
+            resumed.append(Path(line.rsplit(" ", 1)[-1]).name)
+    return starts, resumed
+
+
+def drill(args: argparse.Namespace, say=_say) -> bool:
     """Run the drill (see the module docstring); True when every run ended identical."""
     rng = random.Random(args.seed)
     root = args.root.resolve()
@@ -168,7 +184,9 @@ def drill(args: argparse.Namespace, say=print) -> bool:
         problems = compare_runs(root / "reference" / name, jobs[name].run_dir)
         identical += not problems
         verdict = "identical (fit and test figures, last and best weights)" if not problems else problems
-        say(f"[check] {name}: {verdict}")
+        starts, resumed = fit_starts(jobs[name].run_dir.with_suffix(".log"))
+        froms = f" ({', '.join(resumed)})" if resumed else ""
+        say(f"[check] {name}: {verdict}; fit started {starts} times, {len(resumed)} of them resumed{froms}")
     kinds = ", ".join(f"{n} {how}" for how, n in counts.items())
     say(
         f"[drill] {args.kills} kills ({kinds}), {args.kills + 1} restarts: {identical} of {len(names)} runs "

@@ -96,6 +96,11 @@ class Job:
     def test_args(self) -> list[str]:
         return ["test", *self.config_args(), "--ckpt_path", "best"]
 
+    def overwrites(self) -> bool:
+        """Whether its runs start afresh (`-- --run.overwrite true`), a diverged one included."""
+        extra = list(self.extra)
+        return any(a == "--run.overwrite" and extra[i + 1 : i + 2] == ["true"] for i, a in enumerate(extra))
+
     def state(self) -> str:
         """'done' (fit finished and tested), 'fitted' (fit finished, not tested), 'resumable' (has a
         checkpoint), 'diverged' (its fit diverged: resuming would diverge again) or 'new' (nothing to keep,
@@ -252,7 +257,7 @@ def run_local(
             log(f"[skip] {job.name}: finished already")
             statuses[job.name] = 0
             return
-        if state == "diverged":
+        if state == "diverged" and not job.overwrites():
             log(
                 f"[fail] {job.name}: its fit diverged (see {RunDir(job.run_dir).results_file}); change the "
                 "recipe (e.g. -- --model.lr ...) and start it afresh with -- --run.overwrite true"

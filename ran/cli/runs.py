@@ -151,7 +151,7 @@ def _settle(subcommand: str, cfg: Any, run_dir: RunDir) -> None:
     run = cfg.run
     ckpt = cfg.get("ckpt_path")
     if ckpt == "auto":
-        ckpt = cfg.ckpt_path = auto_checkpoint(subcommand, run_dir)
+        ckpt = cfg.ckpt_path = auto_checkpoint(subcommand, run_dir, run.overwrite)
     foreign = ckpt not in (None, "last", "best") and not run_dir.owns(ckpt)
     if subcommand == "fit" and ckpt == "last":
         check_not_finished(run_dir, cfg.trainer.get("max_steps"))
@@ -179,16 +179,16 @@ def _settle(subcommand: str, cfg: Any, run_dir: RunDir) -> None:
         cfg.ckpt_path = str(find_checkpoint(run_dir, ckpt))
 
 
-def auto_checkpoint(subcommand: str, run_dir: RunDir) -> str | None:
+def auto_checkpoint(subcommand: str, run_dir: RunDir, overwrite: bool = False) -> str | None:
     """What `--ckpt_path auto` means: 'last' (the newest readable checkpoint) when the run directory holds
-    a run, None (start afresh) when it does not. A fit that diverged is not resumed: it would diverge
-    again."""
+    a run, None (start afresh) when it does not or `--run.overwrite true` asks for a fresh start. A fit that
+    diverged is not resumed: it would diverge again."""
     if subcommand != "fit":
         raise ConfigError(
             f"--ckpt_path auto resumes or starts a fit; ran {subcommand} takes best, last or a checkpoint "
             "file"
         )
-    if not run_dir.holds_run():
+    if overwrite or not run_dir.holds_run():
         return None
     if run_dir.fit_status() == "diverged":
         raise ConfigError(

@@ -84,6 +84,8 @@ def test_ckpt_path_auto_keeps_the_checks_and_loses_nothing(cifar10_dir, run_root
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "diverged" in err and "does not resume it" in err and "--run.overwrite true" in err
+    assert main([*args, "--run.overwrite", "true"]) == 0  # auto with overwrite: afresh, as asked
+    assert results(run_root / "a92")["fit"]["status"] == "finished"
     test = ["test", *cifar_fit(cifar10_dir, run_root, "a92")[1:], "--ckpt_path", "auto"]
     assert main(test) == 2
     assert "--ckpt_path auto resumes or starts a fit" in capsys.readouterr().err
@@ -158,15 +160,12 @@ def test_a_crash_after_a_validation_step_resumes_with_that_validation(cifar10_di
     common += ["--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", "4"]
     common += ["--ckpt_path", "auto"]
     assert main(cifar_fit(cifar10_dir, run_root, "whole", *common, steps=8)) == 0
-    crash = callbacks(("CrashAt", {"step": 5}))
-    assert (
-        main(cifar_fit(cifar10_dir, run_root, "crashed", *common, "--trainer.callbacks", crash, steps=8)) == 1
-    )
+    crashed = cifar_fit(cifar10_dir, run_root, "crashed", *common, steps=8)
+    with pytest.raises(RuntimeError, match="crashed after step 5"):  # stands for a kill -9: nothing saved
+        main([*crashed, "--trainer.callbacks", callbacks(("CrashAt", {"step": 5}))])
     assert load_ckpt(run_root / "crashed" / "checkpoints" / "last.ckpt")["global_step"] == 4
     probe = callbacks(("ResumeProbe", {"out_dir": str(tmp_path)}))
-    assert (
-        main(cifar_fit(cifar10_dir, run_root, "crashed", *common, "--trainer.callbacks", probe, steps=8)) == 0
-    )
+    assert main([*crashed, "--trainer.callbacks", probe]) == 0
     resumed = json.loads((tmp_path / "resume_rank0.json").read_text())
     step4 = results(run_root / "whole")["fit"]["history"][0]
     assert step4["step"] == 4

@@ -109,6 +109,26 @@ def test_a_fitted_run_is_only_tested_and_a_busy_one_waited_for(tmp_path, monkeyp
     assert len(waits) == 1 and f"in use by pid {holder.pid} on" in waits[0]
 
 
+def test_a_diverged_run_is_started_afresh_only_when_asked(tmp_path, monkeypatch):
+    fake = str(fake_ran(tmp_path, seconds=0))
+    monkeypatch.setattr("experiments.launch.ran_executable", lambda: fake)
+    (job,) = make_jobs(load_suite("mask_structure"), "smoke", [0], tmp_path / "runs", ["attention56_local"])
+    RunDir(job.run_dir).update_results("fit", {"status": "diverged"})
+    messages: list[str] = []
+    assert run_local([job], log=messages.append) == {job.name: 1}
+    assert any("diverged" in m and "--run.overwrite true" in m for m in messages)
+    (again,) = make_jobs(
+        load_suite("mask_structure"),
+        "smoke",
+        [0],
+        tmp_path / "runs",
+        ["attention56_local"],
+        ["--run.overwrite", "true"],
+    )
+    assert run_local([again], log=lambda _: None) == {job.name: 0}
+    assert again.state() == "done"
+
+
 def test_a_slurm_job_restarts_a_crashed_fit_but_not_a_failed_one(tmp_path):
     """The script's fit loop, run by bash with a stand-in srun: a fit killed by a signal (exit 137) starts
     again with the same command; one that fails by itself (exit 2) ends the job."""
