@@ -4,9 +4,10 @@ as if it had never been interrupted.
     python -m experiments.drill --data-dir ../shared/data                     # 20 kills of a smoke suite
     python -m experiments.drill --data-dir DATA --kills 5 --seeds 0 --root /tmp/drill
 
-It runs the suite (default: Table 4's, smoke budget, seeds 0 and 1, `--parallel 2`, deterministic, a few
-dozen steps with frequent checkpoints) once without interruption, then again under fire: it starts the same
-`python -m experiments run` command, waits a random time, and kills it, `--kills` times, each time one of
+It runs the suite (default: Table 4's, smoke budget, seeds 0 and 1, `--parallel 2`, deterministic, 120
+steps with a checkpoint every 8) once without interruption, then again under fire: it starts the same
+`python -m experiments run` command, waits a random time, and kills it, until `--kills` kills have landed,
+each time one of
 
 - SIGTERM to the launcher (a scheduler's stop, Ctrl-C): the launcher stops its runs, which save and exit;
 - kill -9 of the launcher and every process it started (a node crash, an OOM kill of the job);
@@ -36,18 +37,23 @@ from experiments.launch import make_jobs
 from experiments.suites import BUDGETS, load_suite
 from ran.train.rundir import RunDir
 
-# What the drill adds to the budget: enough steps that kills land in training, validation and saving too, a
-# checkpoint every 4 steps (at a validation step too, at step 20), deterministic kernels.
-DRILL_OVERRIDES = [
-    "--trainer.max_steps",
-    "30",
-    "--trainer.val_check_interval",
-    "10",
-    "--run.checkpoint_every_n_steps",
-    "4",
-    "--trainer.deterministic",
-    "true",
-]
+
+def drill_overrides(steps: int) -> list[str]:
+    """What the drill adds to the budget: `steps` steps (enough that kills land in training, validation and
+    saving, not only in start-ups), three validations, a checkpoint every 1/15 of the run (so at validation
+    steps too), deterministic kernels."""
+    return [
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(max(1, steps // 3)),
+        "--run.checkpoint_every_n_steps",
+        str(max(2, steps // 15)),
+        "--trainer.deterministic",
+        "true",
+    ]
+
+
 KILLS = ("SIGTERM to the launcher", "kill -9 of the launcher and its runs", "kill -9 of the launcher alone")
 FIT_KEYS = ("status", "global_step", "max_steps", "epoch", "metrics", "history", "best_model_score", "error")
 
@@ -58,7 +64,7 @@ def _launch_command(args: argparse.Namespace, root: Path) -> list[str]:
     command = [sys.executable, "-m", "experiments", "run", args.suite, "--budget", args.budget]
     command += ["--root", str(root), "--parallel", str(args.parallel), "--seeds", *map(str, args.seeds)]
     command += ["--data-dir", str(args.data_dir)]
-    return [*command, "--", *DRILL_OVERRIDES, *args.overrides]
+    return [*command, "--", *drill_overrides(args.steps), *args.overrides]
 
 
 def _start(command: list[str], log: Path) -> subprocess.Popen:
@@ -145,39 +151,54 @@ def drill(args: argparse.Namespace, say=_say) -> bool:
     command = _launch_command(args, root / "drill")
     groups: list[int] = []  # the process groups of killed launchers, whose orphans may still run
     counts = dict.fromkeys(KILLS, 0)
-    for kill in range(1, args.kills + 1):
+    attempt = 0
+    while sum(counts.values()) < args.kills:
+        attempt += 1
         launcher = _start(command, root / "drill.log")
         groups.append(launcher.pid)
-        wait = rng.uniform(args.min_wait, args.max_wait_share * took)
+        wait = rng.uniform(args.min_wait, max(args.min_wait + 1, args.max_wait_share * took))
         how = rng.choice(KILLS)
         try:
             code = launcher.wait(timeout=wait)
-            verdict = f"ended by itself first (exit {code})"
         except subprocess.TimeoutExpired:
-            if how == KILLS[0]:
-                launcher.send_signal(signal.SIGTERM)
-                try:
-                    code = launcher.wait(timeout=180)
-                except subprocess.TimeoutExpired:
-                    os.killpg(launcher.pid, signal.SIGKILL)
-                    code = launcher.wait()
-            elif how == KILLS[1]:
+            code = None
+        done = sum(jobs[n].state() == "done" for n in names)
+        if code is not None:  # it finished first: nothing was left to kill
+            say(f"[drill] launch {attempt} ended by itself (exit {code}) after less than {wait:.0f} s")
+            if code != 0:
+                say(f"[drill] the launcher failed by itself (exit {code}; see {root}/drill.log)")
+                return False
+            if done == len(names):
+                say(
+                    f"[drill] the suite finished after {sum(counts.values())} of {args.kills} kills: raise "
+                    "--steps or lower --max-wait-share"
+                )
+                return False
+            continue
+        if how == KILLS[0]:
+            launcher.send_signal(signal.SIGTERM)
+            try:
+                code = launcher.wait(timeout=180)
+            except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
                 code = launcher.wait()
-            else:
-                launcher.kill()
-                code = launcher.wait()
-            counts[how] += 1
-            verdict = f"{how}: exit {code}"
-        done = sum(jobs[n].state() == "done" for n in names)
-        say(f"[kill {kill:2d}/{args.kills}] after {wait:5.1f} s, {verdict}; runs done {done}/{len(names)}")
+        elif how == KILLS[1]:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            code = launcher.wait()
+        else:
+            launcher.kill()
+            code = launcher.wait()
+        counts[how] += 1
+        kill = sum(counts.values())
+        progress = f"runs done {done}/{len(names)}"
+        say(f"[kill {kill:2d}/{args.kills}] after {wait:5.1f} s, {how}: exit {code}; {progress}")
 
     start = time.time()
     final = _start(command, root / "drill.log")
     code = final.wait()
     while any(_group_alive(pgid) for pgid in groups):  # orphans of the last killed launchers
         time.sleep(1)
-    say(f"[final] restart {args.kills + 1} ran to the end in {time.time() - start:.0f} s: exit {code}")
+    say(f"[final] launch {attempt + 1} ran to the end in {time.time() - start:.0f} s: exit {code}")
 
     identical = 0
     for name in names:
@@ -189,7 +210,7 @@ def drill(args: argparse.Namespace, say=_say) -> bool:
         say(f"[check] {name}: {verdict}; fit started {starts} times, {len(resumed)} of them resumed{froms}")
     kinds = ", ".join(f"{n} {how}" for how, n in counts.items())
     say(
-        f"[drill] {args.kills} kills ({kinds}), {args.kills + 1} restarts: {identical} of {len(names)} runs "
+        f"[drill] {args.kills} kills ({kinds}) in {attempt + 1} launches: {identical} of {len(names)} runs "
         "finished, tested and identical to the uninterrupted suite"
     )
     return code == 0 and identical == len(names)
@@ -201,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Arguments after `--` are passed to every run, after the drill's own: "
-        + " ".join(DRILL_OVERRIDES),
+        + " ".join(drill_overrides(120)),
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="the suite's dataset folder")
     parser.add_argument("--suite", default="mask_structure", help="a suite (default: Table 4's, 2 runs)")
@@ -209,12 +230,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=120, help="training steps of each run")
     parser.add_argument("--seed", type=int, default=0, help="the drill's own: kill times and kinds")
     parser.add_argument("--min-wait", type=float, default=2.0, help="seconds before a kill, at least")
     parser.add_argument(
         "--max-wait-share",
         type=float,
-        default=0.6,
+        default=0.25,
         help="seconds before a kill, at most, as a share of the uninterrupted suite's time",
     )
     parser.add_argument("--root", type=Path, default=Path("runs/drill"), help="its two suites' roots")

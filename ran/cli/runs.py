@@ -138,6 +138,8 @@ def prepare_run(subcommand: str, cfg: Any) -> SettledRun:
         check_writable(run_dir.path)
         lock = RunLock(run_dir.path, f"ran {subcommand}").acquire()
     try:
+        if lock is not None:  # the lock's holder alone: no other process can be writing one
+            run_dir.remove_partial_saves()
         _settle(subcommand, cfg, run_dir)
     except BaseException:
         if lock is not None:

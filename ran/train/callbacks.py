@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io import TorchCheckpointIO
-from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, Checkpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -288,9 +288,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise UnreadableCheckpoint(f"cannot load checkpoint {path}: {problem}") from None
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps `checkpoints/last.ckpt` the newest training state: every `every_n_steps` optimizer steps, after
     every validation, at the end of training and when a signal stops the run (`GracefulStop`).
+
+    A `Checkpoint`, so that Lightning runs it after the best-checkpoint ModelCheckpoint (it moves checkpoint
+    callbacks to the end, in their given order): the state saved after a validation holds that validation's
+    best score, which a resume from it must know.
 
     Lightning's ModelCheckpoint with `save_last=True` rewrites last.ckpt only when it also saves a top-k
     checkpoint, so a resumed run repeated the steps since the last improvement and a finished run's final

@@ -199,6 +199,17 @@ class RunDir:
         for name in ("csv", "wandb", "masks", "checkpoints"):
             shutil.rmtree(self.path / name, ignore_errors=True)
 
+    def remove_partial_saves(self) -> list[Path]:
+        """Delete the temporary files of saves cut short by a kill (`write_atomically`'s `.<name>.tmp<pid>`
+        beside results.json, the W&B ids and the checkpoints). Only for the holder of the run's lock: no
+        other process can be writing one."""
+        partial = [
+            p for folder in (self.path, self.checkpoints) for p in folder.glob(".*.tmp*") if p.is_file()
+        ]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
+
     def delete_run(self) -> None:
         """Delete everything in the directory but its lock file (held by the process that deletes it, so
         that no other process can start in the directory meanwhile)."""
