@@ -104,15 +104,22 @@ class RunLock:
         self.warn = warn or (lambda text: warnings.warn(text, stacklevel=4))
         self.fd: int | None = None
         self._handed_over: bytes | None = None  # the launcher's record, put back when an inherited lock ends
+        self._created: list[Path] = []  # the folders acquire made, removed again if left holding nothing
 
     # --- taking and giving back ------------------------------------------------------------------------
 
     def acquire(self) -> RunLock:
+        missing = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._created = missing
         if self._adopt():
             return self
         for _ in range(10):  # the file may be replaced between open and flock (see _same_file)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:  # its folder was just removed by a holder that left it empty
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -138,12 +145,18 @@ class RunLock:
     def release(self) -> None:
         """Give the lock back: clear the holder record (or put back the launcher's, for a lock handed over)
         and close the file. The flock ends with the last process sharing it, not with an unlock: a process
-        given this lock (`handoff`) keeps holding it."""
+        given this lock (`handoff`) keeps holding it. A run directory that `acquire` created and that holds
+        nothing but the lock file (a start that failed at once) is removed again, with the folders made for
+        it."""
         if self.fd is None:
             return
         fd, self.fd = self.fd, None
         try:
             self._write(self._handed_over or b"", fd)
+            if self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
+                for folder in self._created:  # deepest first; stops at one that holds something
+                    folder.rmdir()
         except OSError:
             pass
         finally:

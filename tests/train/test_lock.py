@@ -42,9 +42,11 @@ def test_one_holder_at_a_time_and_the_refusal_names_it(tmp_path):
         assert f"delete {run / LOCK_FILE}" in message and "\n" not in message
         assert refused.value.holder == held
         assert first.fd is not None
-    assert (run / LOCK_FILE).read_text() == ""  # released: no holder named
+    assert not run.exists()  # released: the folder it made, holding nothing else, is gone again
+    run.mkdir()
     with RunLock(run, "ran test", warn=pytest.fail):  # free again, and nothing to take over
-        pass
+        (run / "config.yaml").write_text("")
+    assert (run / LOCK_FILE).read_text() == ""  # released in a folder it did not make: no holder named
 
 
 def test_a_process_killed_with_its_lock_leaves_it_free_and_named(tmp_path):
