@@ -4,13 +4,14 @@ as if it had never been interrupted.
     python -m experiments.drill --data-dir ../shared/data                     # 20 kills of a smoke suite
     python -m experiments.drill --data-dir DATA --kills 5 --seeds 0 --root /tmp/drill
 
-It runs the suite (default: Table 4's, smoke budget, seeds 0 and 1, `--parallel 2`, deterministic, 120
-steps with a checkpoint every 8) once without interruption, then again under fire: it starts the same
-`python -m experiments run` command, waits a random time, and kills it, until `--kills` kills have landed,
-each time one of
+It runs the suite (default: Table 4's, smoke budget, seeds 0 and 1, `--parallel 2`, deterministic, 240
+steps with a checkpoint every 16 and a validation every 80) once without interruption, then again under
+fire: it starts the same `python -m experiments run` command, waits a random time (a quarter of the time
+within its first 15 s, else up to a tenth of the uninterrupted suite's time after its runs began writing
+files), and kills it, until `--kills` kills have landed, each time one of
 
 - SIGTERM to the launcher (a scheduler's stop, Ctrl-C): the launcher stops its runs, which save and exit;
-- kill -9 of the launcher and every process it started (a node crash, an OOM kill of the job);
+- kill -9 of every launcher and run process, earlier orphans included (a node crash, an OOM kill);
 - kill -9 of the launcher alone: its runs go on as orphans, holding their runs' locks, and the next launcher
   waits for them rather than train their runs a second time.
 
@@ -54,7 +55,8 @@ def drill_overrides(steps: int) -> list[str]:
     ]
 
 
-KILLS = ("SIGTERM to the launcher", "kill -9 of the launcher and its runs", "kill -9 of the launcher alone")
+KILLS = ("SIGTERM to the launcher", "kill -9 of every launcher and run", "kill -9 of the launcher alone")
+KILL_WEIGHTS = (2, 2, 1)  # orphans left by the third kind finish their stage, which would end the suite early
 FIT_KEYS = ("status", "global_step", "max_steps", "epoch", "metrics", "history", "best_model_score", "error")
 
 __all__ = ["compare_runs", "drill", "main"]
@@ -80,6 +82,23 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _last_write(root: Path) -> float:
+    """The newest modification time of a file under `root` (0 when there is none)."""
+    times = [p.stat().st_mtime for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    return max(times, default=0.0)
+
+
+def _wait_for_work(launcher: subprocess.Popen, root: Path, since: float, timeout: float) -> bool:
+    """Wait until a run under `root` writes a file after `since` (its training has begun: a config, a
+    checkpoint, results), or the launcher ends; False if neither happened within `timeout` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if launcher.poll() is not None or _last_write(root) > since:
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor] | None:
@@ -154,12 +173,20 @@ def drill(args: argparse.Namespace, say=_say) -> bool:
     attempt = 0
     while sum(counts.values()) < args.kills:
         attempt += 1
+        started = time.time()
         launcher = _start(command, root / "drill.log")
         groups.append(launcher.pid)
-        wait = rng.uniform(args.min_wait, max(args.min_wait + 1, args.max_wait_share * took))
-        how = rng.choice(KILLS)
+        how = rng.choices(KILLS, weights=KILL_WEIGHTS)[0]
+        # A quarter of the kills land while the launcher and its runs start; the others once a run has begun
+        # writing (training, validating, saving or testing), a random time later.
+        if rng.random() < 0.25:
+            wait, phase = rng.uniform(args.min_wait, 15.0), "while starting"
+        else:
+            _wait_for_work(launcher, root / "drill", started, timeout=took)
+            extra = rng.uniform(0.0, args.max_wait_share * took)
+            wait, phase = time.time() - started + extra, f"{extra:.0f} s after its runs began writing"
         try:
-            code = launcher.wait(timeout=wait)
+            code = launcher.wait(timeout=max(0.0, wait - (time.time() - started)))
         except subprocess.TimeoutExpired:
             code = None
         done = sum(jobs[n].state() == "done" for n in names)
@@ -182,8 +209,10 @@ def drill(args: argparse.Namespace, say=_say) -> bool:
             except subprocess.TimeoutExpired:
                 os.killpg(launcher.pid, signal.SIGKILL)
                 code = launcher.wait()
-        elif how == KILLS[1]:
-            os.killpg(launcher.pid, signal.SIGKILL)
+        elif how == KILLS[1]:  # a node crash: the orphans of earlier launchers die too
+            for pgid in groups:
+                if _group_alive(pgid):
+                    os.killpg(pgid, signal.SIGKILL)
             code = launcher.wait()
         else:
             launcher.kill()
@@ -191,7 +220,7 @@ def drill(args: argparse.Namespace, say=_say) -> bool:
         counts[how] += 1
         kill = sum(counts.values())
         progress = f"runs done {done}/{len(names)}"
-        say(f"[kill {kill:2d}/{args.kills}] after {wait:5.1f} s, {how}: exit {code}; {progress}")
+        say(f"[kill {kill:2d}/{args.kills}] at {wait:5.1f} s ({phase}), {how}: exit {code}; {progress}")
 
     start = time.time()
     final = _start(command, root / "drill.log")
@@ -222,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Arguments after `--` are passed to every run, after the drill's own: "
-        + " ".join(drill_overrides(120)),
+        + " ".join(drill_overrides(240)),
     )
     parser.add_argument("--data-dir", type=Path, required=True, help="the suite's dataset folder")
     parser.add_argument("--suite", default="mask_structure", help="a suite (default: Table 4's, 2 runs)")
@@ -230,14 +259,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=120, help="training steps of each run")
+    parser.add_argument("--steps", type=int, default=240, help="training steps of each run")
     parser.add_argument("--seed", type=int, default=0, help="the drill's own: kill times and kinds")
     parser.add_argument("--min-wait", type=float, default=2.0, help="seconds before a kill, at least")
     parser.add_argument(
         "--max-wait-share",
         type=float,
-        default=0.25,
-        help="seconds before a kill, at most, as a share of the uninterrupted suite's time",
+        default=0.1,
+        help="a kill's time after a launch's runs began working, at most, as a share of the uninterrupted "
+        "suite's time",
     )
     parser.add_argument("--root", type=Path, default=Path("runs/drill"), help="its two suites' roots")
     return parser

@@ -10,10 +10,10 @@ A launcher that holds a run's lock hands it to the `ran` processes it starts (`R
 its open file description, so the run stays locked until the launcher and its runs have all ended, even if
 the launcher itself is killed while they run.
 
-Network file systems: Linux turns flock(2) on NFS into an NFS byte-range lock held by the server (since
-2.6.12), so it excludes processes on every client; Lustre does so when mounted with `-o flock`, GPFS does.
-Where the file system offers only node-local locks (Lustre `-o localflock`, BeeGFS without global file
-locks), two hosts are not excluded. Where it offers none (ENOLCK, ENOSYS, EOPNOTSUPP), the holder record is
+Network file systems: since Linux 2.6.12 the NFS client turns flock(2) into a byte-range lock held by the
+server, so it excludes processes on every client (unless mounted with `local_lock`); Lustre does so when
+mounted with `-o flock`. Where the file system offers only node-local locks (Lustre `-o localflock`, BeeGFS
+without global file locks), two hosts are not excluded. Where it offers none (ENOLCK, ENOSYS, EOPNOTSUPP), the holder record is
 the whole lock: a live holder on this host refuses the start, a dead one is taken over, and one on another
 host is taken over with a warning (it cannot be checked from here).
 """
