@@ -36,6 +36,7 @@ import torch
 
 from experiments.launch import make_jobs
 from experiments.suites import BUDGETS, load_suite
+from ran.train.lock import LOCK_FILE
 from ran.train.rundir import RunDir
 
 
@@ -85,8 +86,15 @@ def _group_alive(pgid: int) -> bool:
 
 
 def _last_write(root: Path) -> float:
-    """The newest modification time of a file under `root` (0 when there is none)."""
-    times = [p.stat().st_mtime for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    """The newest modification time of a file that a run wrote under `root` (its config, checkpoints,
+    results, logger files; not the launcher's lock records and logs), 0 when there is none."""
+    files = [p for p in root.rglob("*") if p.is_file() and p.name != LOCK_FILE and p.suffix != ".log"]
+    times = []
+    for path in files:
+        try:
+            times.append(path.stat().st_mtime)
+        except FileNotFoundError:  # replaced or removed meanwhile
+            pass
     return max(times, default=0.0)
 
 
