@@ -193,17 +193,33 @@ class ResidualAttentionNet(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, num_features): everything but the classifier."""
+        """The last feature maps before pooling, (B, num_features, H / feature_stride, W / feature_stride):
+        the network as a backbone (timm's `forward_features`)."""
         self.check_input(x)
-        x = self.norm(self.stages(self.stem(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.norm(self.stages(self.stem(x)))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.dropout(features, self.drop_rate, self.training))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, dropout and the classifier on `forward_features`' maps: logits
+        (B, num_classes), or with `pre_logits` the pooled features (B, num_features) (timm's
+        `forward_head`)."""
+        x = F.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+    @property
+    def feature_stride(self) -> int:
+        """How many input pixels one pixel of `forward_features`' maps spans (4 x 8 = 32 on ImageNet, 4 on
+        CIFAR)."""
+        stride = self.stem_stride
+        for stage in self.stages:
+            stride *= stage[0].conv2.stride[0]
+        return stride
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for `num_classes` classes."""
