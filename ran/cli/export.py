@@ -25,7 +25,7 @@ import torch
 import ran
 from datamodules import ImageDataModule, ImageNetDataModule
 from datamodules.imagenet import EVAL_CROP_RATIO
-from ran.nn.pretrained import CONFIG_FILE, WEIGHTS_FILE, PretrainedWeightsError, check_state
+from ran.nn.pretrained import CONFIG_FILE, WEIGHTS_FILE, check_state
 from ran.nn.registry import create_model, load_pretrained
 from ran.train.module import NETWORK_KEYS, network_of
 from ran.train.rundir import RunDir, UnreadableResults, checkpoint_problem
@@ -191,9 +191,12 @@ def export_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = export(args.ckpt_path, args.out, args.datamodule)
-    except (ExportError, PretrainedWeightsError) as err:
+    except ValueError as err:  # ExportError, PretrainedWeightsError, a network this ran does not know
         print(f"ran export: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the folder cannot be written (permissions, a full disk)
+        print(f"ran export: error: cannot write {args.out}: {err}", file=sys.stderr)
+        return 1
     acc1 = model.pretrained_cfg.get("metrics", {}).get("test/acc1")
     figure = f"test top-1 {100 * acc1:.2f}%" if acc1 is not None else "no test figures in results.json"
     size = (args.out / WEIGHTS_FILE).stat().st_size / 1e6

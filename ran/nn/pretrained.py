@@ -96,10 +96,14 @@ HUB_OPTIONS = ("revision", "cache_dir", "token", "force_download", "local_files_
 
 
 def hub_source(name: str | os.PathLike) -> str:
-    """A source as huggingface_hub's `from_pretrained` reads its argument: an existing folder, a URL, a
-    published entry, or else a Hub repository id ('owner/name')."""
+    """A source as huggingface_hub's `from_pretrained` reads its argument: a Path or an existing folder, a
+    URL, a published entry, or else a Hub repository id ('owner/name')."""
     text = os.fspath(name)
-    if Path(text).expanduser().exists() or text.startswith(("http://", "https://", HF_PREFIX)):
+    if (
+        isinstance(name, Path)
+        or Path(text).expanduser().exists()
+        or text.startswith(("http://", "https://", HF_PREFIX))
+    ):
         return text
     return text if text in list_pretrained() else HF_PREFIX + text
 

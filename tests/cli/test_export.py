@@ -153,6 +153,7 @@ def test_the_datamodule_comes_from_the_run_or_the_command_line(tmp_path, capsys)
         ("missing", "no such file"),
         ("truncated", "not a readable checkpoint"),
         ("not-ran", "is not a checkpoint of `ran fit`"),
+        ("unknown-network", "unknown model 'attention57_cifar'"),
         ("out-not-empty", "exists and is not an empty folder"),
     ],
 )
@@ -165,6 +166,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, prob
         ckpt.write_bytes(ckpt.read_bytes()[:2000])
     elif problem == "not-ran":
         torch.save({"state_dict": {}}, ckpt)
+    elif problem == "unknown-network":
+        saved = torch.load(ckpt, weights_only=True)
+        saved["hyper_parameters"]["arch"] = "attention57_cifar"
+        torch.save(saved, ckpt)
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine")
