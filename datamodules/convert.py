@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DatasetLayoutError, DataSettingError
-from .imagenet import ImageNetDataModule
+from .imagenet import ImageNetDataModule, ImageTreeDataset
 from .imagenet_shards import SHARDS_FILE, SHARDS_FORMAT, SHARDS_VERSION, order_file, read_shards_info
 
 __all__ = ["ConvertError", "convert_imagenet", "main"]
@@ -111,12 +111,11 @@ def _verify(folder: Path, names: list[str], stored: np.ndarray) -> int:
 
 
 def _convert_split(
-    dm: ImageNetDataModule, split: str, out: Path, workers: int, chunk_bytes: str, seed: int
+    tree: ImageTreeDataset, split: str, out: Path, workers: int, chunk_bytes: str, seed: int
 ) -> dict[str, Any]:
     """Write ``split`` into ``out/split`` (resuming litdata's checkpoint there) and its order file."""
     from litdata import optimize
 
-    tree = dm.tree(split)
     root = Path(tree.root)
     names = [Path(path).relative_to(root).as_posix() for path, _ in tree.samples]
     stored = _storage_order(split, len(tree.samples), seed)
@@ -173,8 +172,9 @@ def convert_imagenet(
     out = Path(out).expanduser().absolute()
     assert dm.classes is not None
     info = _check_out(out, dm.classes)
-    out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, min(8, os.cpu_count() or 1))
+    trees = {split: dm.tree(split) for split in splits}  # every layout check before any writing
+    out.mkdir(parents=True, exist_ok=True)
     for split in splits:
         done = info["splits"].get(split)
         source = str(dm.data_dir / split)
@@ -186,7 +186,7 @@ def convert_imagenet(
                 )
             print(f"{split}: already converted in {out / split}, kept")
             continue
-        info["splits"][split] = _convert_split(dm, split, out, workers, chunk_bytes, seed)
+        info["splits"][split] = _convert_split(trees[split], split, out, workers, chunk_bytes, seed)
         _write_json(out / SHARDS_FILE, info)
     return info
 
