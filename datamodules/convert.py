@@ -154,7 +154,8 @@ def _convert_split(
     np.savez(tmp, positions=positions, targets=targets)
     os.replace(tmp, order_file(out, split))
     size = sum(p.stat().st_size for p in folder.glob("chunk-*"))
-    print(f"{split}: {len(stored):,} images in {chunks} chunks ({size / 1e9:.2f} GB) -> {folder}")
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"{split}: {len(stored):,} images in {chunks} chunks ({shown}) -> {folder}")
     return {"images": len(stored), "chunks": chunks, "tree": str(root), "order_seed": seed}
 
 
