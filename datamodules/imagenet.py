@@ -165,7 +165,8 @@ class ImageNetDataModule(ImageDataModule):
         num_classes: number of classes; counted from the class folders of ``train/`` when None. If given
             while the tree is present, it must match the count.
         format: ``folder`` (the JPEG trees) or ``litdata`` (the converted shards, for cluster file systems).
-        decode: ``cpu`` (PIL in the workers) or ``cuda`` (nvJPEG on the training GPU; refused without one).
+        decode: ``cpu`` (PIL in the workers) or ``cuda`` (nvJPEG on the training GPU; ``setup`` refuses it
+            without one).
         shuffle_window: with ``format="litdata"``, the chunks that the training order mixes at a time.
 
     Attributes:
@@ -200,7 +201,8 @@ class ImageNetDataModule(ImageDataModule):
         super().__init__(seed)
         if format not in ("folder", "litdata"):
             raise ValueError(f"format must be 'folder' or 'litdata', got {format!r}")
-        check_decode_device(decode)
+        if decode not in ("cpu", "cuda"):
+            raise ValueError(f"decode must be 'cpu' or 'cuda', got {decode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -337,6 +339,7 @@ class ImageNetDataModule(ImageDataModule):
         """Scan the trees (or open the shards) that ``stage`` needs and build the datasets."""
         train_root = self.data_dir / "train"
         self.check_data_dir(self.data_dir)
+        check_decode_device(self.decode)  # here, not at construction, which LightningCLI wraps
         if self.format == "litdata":
             self.classes = list(read_shards_info(self.data_dir)["classes"])
         elif not train_root.is_dir():

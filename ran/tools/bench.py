@@ -28,7 +28,8 @@ from typing import Any, get_args
 
 import torch
 
-from datamodules import CIFAR10DataModule, ImageNetDataModule
+from datamodules import CIFAR10DataModule, DataSettingError, ImageNetDataModule
+from datamodules.decoding import check_decode_device
 from ran.nn.registry import create_model, list_models
 from ran.tools.measure import (
     PRECISIONS,
@@ -93,6 +94,10 @@ def data_module(args: argparse.Namespace) -> CIFAR10DataModule | ImageNetDataMod
         if (args.format, args.decode) != ("folder", "cpu"):
             raise SystemExit("ran.bench: --format and --decode apply to --data imagenet")
         return CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=0)
+    try:
+        check_decode_device(args.decode)
+    except DataSettingError as err:
+        raise SystemExit(f"ran.bench: {err}") from None
     return ImageNetDataModule(
         data_dir=args.data_dir,
         batch_size=args.batch_size,

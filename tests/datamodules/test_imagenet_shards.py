@@ -247,12 +247,39 @@ def test_unreadable_stored_image_is_named_or_skipped(tmp_path):
     assert images.shape == (6, 3, 32, 32)
 
 
-def test_gpu_decode_is_refused_in_one_line_without_cuda(shards, monkeypatch):
+def test_gpu_decode_is_refused_in_one_line_without_cuda(shards, tmp_path, monkeypatch, capsys):
+    from ran.cli.main import main as ran_main
+    from ran.tools.bench import main as bench_main
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    dm = ImageNetDataModule(str(shards), format="litdata", decode="cuda", **KW)
     with pytest.raises(DataSettingError) as info:
-        ImageNetDataModule(str(shards), format="litdata", decode="cuda", **KW)
+        dm.setup("fit")
     message = str(info.value)
     assert "\n" not in message and "decode='cuda'" in message and "leave out `--data.decode`" in message
+    args = ["--data", "imagenet", "--format", "litdata", "--decode", "cuda", "--data-dir", str(shards)]
+    with pytest.raises(SystemExit, match="ran.bench: decode='cuda'"):
+        bench_main(args)
+    config = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "imagenet" / "quick_cpu.yaml"
+    status = ran_main(
+        [
+            "fit",
+            "-c",
+            str(config),
+            "--data.format",
+            "litdata",
+            "--data.data_dir",
+            str(shards),
+            "--data.decode",
+            "cuda",
+            "--run.root",
+            str(tmp_path / "runs"),
+            "--trainer.max_steps",
+            "1",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and err[-1] == f"ran fit: error: {message}"
 
 
 def test_gpu_path_draws_the_cpu_path_augmentation_and_applies_it_identically(tree):
