@@ -75,6 +75,8 @@ def test_shards_read_back_as_the_folder_tree_item_for_item(tree, shards):
     folder.setup("fit")
     sharded.setup("fit")
     assert sharded.train_dataset.targets == folder.train_dataset.targets
+    sharded.train_dataset[0]
+    assert sharded.train_dataset._stream().batch_decode == 0  # one item deserialised per read
     for split in ("train_dataset", "val_dataset"):
         a, b = getattr(folder, split), getattr(sharded, split)
         for i in range(len(a)):
