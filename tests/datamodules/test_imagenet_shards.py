@@ -11,6 +11,7 @@ from pathlib import Path
 import datagen
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from datamodules import DatasetNotFoundError, DataSettingError, ImageNetDataModule
@@ -313,3 +314,48 @@ def test_gpu_path_decodes_what_nvjpeg_rejects_with_pil(tmp_path):
     sample = ((encoded_from_bytes(png.read_bytes()), None, False), 1)
     images, _ = decode_batch(collate_encoded([sample]), "cpu", 8, 10, (0, 0, 0), (1, 1, 1))
     assert images.shape == (1, 3, 8, 8) and torch.allclose(images[0, 0], torch.full((8, 8), 200 / 255))
+
+
+class RecordOrder(pl.Callback):
+    """Writes what rank r trained on: its loader's sampler (the datamodule's, unless Lightning swapped it) and
+    that sampler's indices."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        ours = trainer.datamodule._train_sampler
+        record = {
+            "kept": trainer.train_dataloader.sampler is ours,
+            "sampler": type(ours).__name__,
+            "indices": [index for index, _ in ours],
+        }
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_keeps_the_chunked_order_and_gives_each_rank_its_own_shard(shards, tmp_path):
+    from conftest import TINY_MODEL_KWARGS
+
+    from ran.train.module import ImageClassifier
+
+    dm = ImageNetDataModule(str(shards), format="litdata", **KW)
+    module = ImageClassifier(arch="attention56_cifar", num_classes=3, model_kwargs=TINY_MODEL_KWARGS)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=3,  # one epoch: 24 images, 2 ranks, batches of 4
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[RecordOrder(tmp_path)],
+    )
+    trainer.fit(module, datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["kept"] and r["sampler"] == "ChunkedResumableSampler" for r in ranks)
+    dm.setup("fit")  # the spawned ranks set up their own copies
+    assert ranks[0]["indices"] == _rank_order(dm, 0) and ranks[1]["indices"] == _rank_order(dm, 1)
+    assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == list(range(24))
