@@ -7,8 +7,11 @@
 - :class:`CIFAR10DataModule`, :class:`CIFAR100DataModule`: in-memory uint8 splits, stratified seeded
   validation split, optional symmetric label noise, batched on-device augmentation
   (:func:`augment_cifar_batch`).
-- :class:`ImageNetDataModule`: ILSVRC ``train/`` and ``val/`` class-per-folder trees.
-- ``sampling``: seeded random streams and the resumable sampler shared by the datamodules.
+- :class:`ImageNetDataModule`: ILSVRC ``train/`` and ``val/`` class-per-folder trees, or their litdata
+  shards (``format="litdata"``, :class:`ShardedImageTree`); ``decode="cuda"`` decodes on the GPU.
+- ``sampling``: seeded random streams and the resumable samplers shared by the datamodules (the chunk-local
+  :class:`ChunkedResumableSampler` for shards).
+- ``python -m datamodules.convert imagenet``: writes an ImageNet tree as litdata shards.
 - ``python -m datamodules.imagenet_valprep``: sorts the flat official validation images into wnid folders.
 """
 
@@ -32,7 +35,8 @@ from .errors import (
     DataSettingError,
 )
 from .imagenet import ImageNetDataModule
-from .sampling import ResumableSampler, derived_generator, derived_seed
+from .imagenet_shards import ShardedImageTree
+from .sampling import ChunkedResumableSampler, ResumableSampler, derived_generator, derived_seed
 from .transforms import (
     augment_cifar_batch,
     crop_flip_batch,
@@ -45,6 +49,7 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CIFARDataModuleBase",
+    "ChunkedResumableSampler",
     "CorruptImageError",
     "DataDirNotAFolderError",
     "DataSettingError",
@@ -56,6 +61,7 @@ __all__ = [
     "ImageNetDataModule",
     "InMemoryImageDataset",
     "ResumableSampler",
+    "ShardedImageTree",
     "augment_cifar_batch",
     "corrupt_labels",
     "crop_flip_batch",

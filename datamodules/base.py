@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -113,9 +114,16 @@ class ImageDataModule(pl.LightningDataModule):
         return path
 
     # ------------------------------------------------------------------ the resumable training order
-    def _train_loader(self, dataset: Dataset | None, stamp_epoch: bool = False, **loader_args: Any) -> Any:
-        """The training loader over ``dataset`` with a :class:`ResumableSampler` that starts at the restored
-        position, or else at the start of the trainer's current epoch."""
+    def _train_loader(
+        self,
+        dataset: Dataset | None,
+        stamp_epoch: bool = False,
+        order: Callable[..., ResumableSampler] | None = None,
+        **loader_args: Any,
+    ) -> Any:
+        """The training loader over ``dataset`` with a :class:`ResumableSampler` (or the subclass that
+        ``order`` builds) that starts at the restored position, or else at the start of the trainer's current
+        epoch."""
         if dataset is None:  # split_loader's message
             return split_loader(None, type(self).__name__, "train", shuffle=False, **loader_args)
         trainer = self.trainer
@@ -125,7 +133,7 @@ class ImageDataModule(pl.LightningDataModule):
             "run_seed": int(os.getenv("PL_GLOBAL_SEED", 0)),
         }
         self._restored_order = None
-        self._train_sampler = ResumableSampler(
+        self._train_sampler = (order or ResumableSampler)(
             dataset,
             batch_size=loader_args["batch_size"],
             seed=derived_seed(self.seed, _STREAM_ORDER, position["run_seed"]),

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 __all__ = [
+    "ChunkedResumableSampler",
     "ResumableDataLoader",
     "ResumableSampler",
     "SeededSamples",
@@ -88,10 +89,14 @@ class ResumableSampler(DistributedSampler):
     def batches_per_epoch(self) -> int:
         return -(-self.num_samples // self.batch_size)
 
+    def epoch_order(self) -> Iterator[int]:
+        """This rank's indices for ``self.epoch``, padded to ``num_samples`` (``DistributedSampler``'s)."""
+        return super().__iter__()
+
     def __iter__(self) -> Iterator[Any]:
         start, self.start_batch = self.start_batch, 0
         self.pass_epoch, self.batches_consumed = self.epoch, start
-        indices = itertools.islice(super().__iter__(), start * self.batch_size, None)
+        indices = itertools.islice(self.epoch_order(), start * self.batch_size, None)
         if self.stamp_epoch:
             return ((index, self.pass_epoch) for index in indices)
         return indices
@@ -108,6 +113,60 @@ class ResumableSampler(DistributedSampler):
         if self.batches_consumed >= length:
             return {"epoch": self.pass_epoch + 1, "batches_consumed": 0}
         return {"epoch": self.pass_epoch, "batches_consumed": self.batches_consumed}
+
+
+class ChunkedResumableSampler(ResumableSampler):
+    """The training order of images stored in chunks (litdata shards), resumable as :class:`ResumableSampler`.
+
+    Read in a fully random order, a chunked store opens a different chunk for almost every image; this order
+    keeps the reads local and mixes as well as a chunked store allows (the converter writes the training
+    images in a seeded random order, so each chunk holds a random mix of classes). Epoch ``e``, seeded with
+    ``(seed, e)``: the chunks in a random order, each chunk's images in storage order, padded by wrapping
+    around to ``num_replicas * num_samples`` and cut into one contiguous run per rank (disjoint, covering
+    the epoch; a rank reads its own chunks only); each run shuffled within consecutive windows of
+    ``window`` chunks' worth of images; and each batch's indices sorted by storage position (a batch is a
+    set: the order inside it changes nothing in training, but a worker then reads each chunk once per batch).
+
+    Args:
+        positions: where each dataset index is stored (index ``i`` at position ``positions[i]``).
+        chunk_sizes: the images of each chunk, in storage order.
+        window: chunks per shuffling window.
+        dataset, batch_size, seed, num_replicas, rank, epoch, start_batch, stamp_epoch: as
+            :class:`ResumableSampler`.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        seed: int,
+        positions: Any,
+        chunk_sizes: Any,
+        window: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, batch_size, seed, **kwargs)
+        self.positions = np.asarray(positions, dtype=np.int64)
+        if len(self.positions) != len(dataset):  # type: ignore[arg-type]
+            raise ValueError(f"{len(self.positions)} positions for a dataset of {len(dataset)}")  # type: ignore[arg-type]
+        bounds = np.cumsum(np.asarray(chunk_sizes, dtype=np.int64))
+        self.chunks = np.searchsorted(bounds, self.positions, side="right")
+        self.window_size = max(1, window * -(-int(bounds[-1]) // len(bounds)))
+
+    def epoch_order(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        chunk_place = rng.permutation(int(self.chunks.max()) + 1)  # each chunk's place in this epoch
+        order = np.lexsort((self.positions, chunk_place[self.chunks]))
+        order = np.resize(order, self.total_size)  # wraps around: the padding repeats the first images
+        keys = rng.random(self.total_size)
+        lo, hi = self.rank * self.num_samples, (self.rank + 1) * self.num_samples
+        run, keys = order[lo:hi], keys[lo:hi]
+        run = run[np.lexsort((keys, np.arange(len(run)) // self.window_size))]
+        full = len(run) // self.batch_size * self.batch_size
+        batches = run[:full].reshape(-1, self.batch_size)
+        batches = np.take_along_axis(batches, np.argsort(self.positions[batches], axis=1), axis=1)
+        tail = run[full:][np.argsort(self.positions[run[full:]])]
+        return iter(np.concatenate([batches.ravel(), tail]).tolist())
 
 
 class ResumableDataLoader(DataLoader):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,14 @@ os.environ["WANDB_SILENT"] = "true"  # no W&B banners in test output
 
 
 @pytest.fixture(autouse=True)
-def _wandb_disabled_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself."""
+def _wandb_disabled_by_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself. W&B
+    reads its settings once per process (at its first `wandb.init`), so each test ends with wandb.teardown():
+    a test that logs offline after one that ran disabled then writes its files, whatever the tests' order."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
 
 
 @pytest.fixture

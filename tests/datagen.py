@@ -8,6 +8,7 @@ given ``seed`` and returns the folder it wrote.
   (``cifar-10-batches-py/``, ``cifar-100-python/``), labels balanced over the classes.
 - :func:`make_imagefolder`: ``root/<class>/*.JPEG`` real JPEGs written with PIL.
 - :func:`make_imagenet_tree`: ``root/train/<wnid>/`` and ``root/val/<wnid>/``.
+- :func:`make_imagenet_shards`: such a tree converted into litdata shards by ``datamodules.convert``.
 - :func:`make_flat_imagenet_val`: flat ``ILSVRC2012_val_*.JPEG`` files plus a ground-truth file.
 - :func:`corrupt_file`: overwrite a file with bytes that are not an image.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "make_cifar100",
     "make_flat_imagenet_val",
     "make_imagefolder",
+    "make_imagenet_shards",
     "make_imagenet_tree",
     "random_images",
     "write_pickle",
@@ -141,6 +143,15 @@ def make_imagenet_tree(
     make_imagefolder(root / "train", classes, n_train_per_class, size, seed)
     make_imagefolder(root / "val", classes, n_val_per_class, size, seed + 1, prefix="val_")
     return root
+
+
+def make_imagenet_shards(tree: str | Path, out: str | Path, chunk_bytes: str = "6KB") -> Path:
+    """Convert a :func:`make_imagenet_tree` tree into shards in ``out`` with the project's converter (one
+    worker; chunks of ``chunk_bytes``, so that a few small images make several chunks); return ``out``."""
+    from datamodules.convert import convert_imagenet
+
+    convert_imagenet(tree, out, workers=1, chunk_bytes=chunk_bytes)
+    return Path(out)
 
 
 def make_flat_imagenet_val(

@@ -1,5 +1,6 @@
-"""`main`: the `ran` command's dispatch (`fit|validate|test|predict`, `summary`) and its exit codes: a user's
-error is one line and exit 2 (config) or 1 (data, divergence), a stop by a signal 128 + its number."""
+"""`main`: the `ran` command's dispatch (`fit|validate|test|predict`, `summary`, `export`) and its exit
+codes: a user's error is one line and exit 2 (config) or 1 (data, divergence), a stop by a signal 128 + its
+number."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from datamodules.errors import CorruptImageError, DatasetLayoutError, DataSettingError
 from ran.cli.app import RanCLI
+from ran.cli.export import export_main
 from ran.tools.summary import summary_main
 from ran.train.callbacks import RunInterrupted, TrainingDiverged
 from ran.train.config import ConfigError
@@ -20,9 +22,11 @@ __all__ = ["USER_ERRORS", "main"]
 
 USAGE = """usage: ran {fit,validate,test,predict} -c CONFIG [--section.key VALUE ...]
        ran summary MODEL | ran summary --all [--markdown]
+       ran export --ckpt-path CKPT --out DIR
 
   fit, validate, test, predict   train or evaluate (LightningCLI; `ran fit --help` lists every option)
   summary                        parameters, multiply-adds and stage shapes of the registered networks
+  export                         a checkpoint's network as trained weights (safetensors and config.json)
 """
 
 
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "summary":
         return summary_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
     if not argv:
         print(USAGE, file=sys.stderr, end="")
         return 2

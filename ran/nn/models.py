@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
+import ran.nn.pretrained as pretrained
 from ran.nn.attention import AttentionModule
 from ran.nn.registry import register_model
 from ran.nn.units import Attention, Learning, Mask, Unit, UnitSpec, check_choice
@@ -25,8 +28,23 @@ Stem = Literal["imagenet", "cifar"]
 STEMS: tuple[str, ...] = get_args(Stem)
 
 
-class ResidualAttentionNet(nn.Module):
+class ResidualAttentionNet(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="ran",
+    license="mit",
+    pipeline_tag="image-classification",
+    tags=["residual-attention-network"],
+    repo_url=pretrained.REPO_URL,
+    paper_url=pretrained.PAPER_URL,
+    model_card_template=pretrained.MODEL_CARD,
+):
     """A Residual Attention Network (or, with `modules_per_stage` all 0, a pre-activation ResNet).
+
+    Trained weights (`ran.nn.pretrained`): `save_pretrained(folder)` writes them as model.safetensors and
+    config.json, `from_pretrained(folder or Hub repository)` rebuilds the network from them, `push_to_hub`
+    uploads them (huggingface_hub's `PyTorchModelHubMixin`, whose config is the network's own: its registry
+    name `arch`, its arguments and `pretrained_cfg`, the facts of its weights).
 
     Args:
         num_classes: classifier outputs.
@@ -152,6 +170,9 @@ class ResidualAttentionNet(nn.Module):
         self.num_features = channels
         self.fc = nn.Linear(channels, num_classes)
         self._init_weights()
+        self.arch: str | None = None  # the registry name, set by the registered variant that built it
+        # The facts of the weights (input size, mean/std, dataset, metrics, provenance), as in config.json.
+        self.pretrained_cfg: dict = {"input_size": [in_chans, default_input_size, default_input_size]}
 
     def _init_weights(self) -> None:
         """Kaiming-normal (fan-out, ReLU) convolutions, BN weight 1 and bias 0, zero conv biases; linear
@@ -193,22 +214,67 @@ class ResidualAttentionNet(nn.Module):
             )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, num_features): everything but the classifier."""
+        """The last feature maps before pooling, (B, num_features, H / feature_stride, W / feature_stride):
+        the network as a backbone (timm's `forward_features`)."""
         self.check_input(x)
-        x = self.norm(self.stages(self.stem(x)))
-        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.norm(self.stages(self.stem(x)))
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.dropout(features, self.drop_rate, self.training))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling, dropout and the classifier on `forward_features`' maps: logits
+        (B, num_classes), or with `pre_logits` the pooled features (B, num_features) (timm's
+        `forward_head`)."""
+        x = F.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    @property
+    def feature_stride(self) -> int:
+        """How many input pixels one pixel of `forward_features`' maps spans (4 x 8 = 32 on ImageNet, 4 on
+        CIFAR)."""
+        stride = self.stem_stride
+        for stage in self.stages:
+            stride *= stage[0].conv2.stride[0]
+        return stride
+
+    def get_classifier(self) -> nn.Linear:
+        return self.fc
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a freshly initialised one for `num_classes` classes."""
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes).to(self.fc.weight.device)
+
+    # --- trained weights (ran.nn.pretrained) ----------------------------------------------------------------
+
+    def network_config(self) -> dict:
+        """What rebuilds this network: its registry name, `num_classes` and every other argument."""
+        kwargs = {k: v for k, v in (self._hub_mixin_config or {}).items() if k != "num_classes"}
+        return {"arch": self.arch, "num_classes": self.num_classes, "model_kwargs": kwargs}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, map_location="cpu", **kwargs):
+        """The network of a folder of weights, a Hugging Face Hub repository ('owner/name'), a URL or a
+        published entry, in eval mode; keyword arguments: huggingface_hub's download options (revision,
+        cache_dir, token, force_download, local_files_only), then overrides of config.json's arguments."""
+        hub = {k: kwargs.pop(k) for k in pretrained.HUB_OPTIONS if k in kwargs}
+        source = pretrained.hub_source(pretrained_model_name_or_path)
+        return pretrained.load(source, lambda _arch: cls, None, kwargs, map_location, **hub)
+
+    def save_pretrained(self, save_directory, *, config=None, **kwargs):
+        """model.safetensors, config.json (the network and `pretrained_cfg`) and a model card in
+        `save_directory`; other keyword arguments as huggingface_hub's (push_to_hub, repo_id, ...)."""
+        if config is not None:
+            raise TypeError("config.json is the network's own: set model.pretrained_cfg instead of config=")
+        return super().save_pretrained(save_directory, **kwargs)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        pretrained.write_folder(self, Path(save_directory))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        return super().generate_model_card(*args, **{**pretrained.card_fields(self), **kwargs})
 
     @torch.no_grad()
     def soft_masks(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:

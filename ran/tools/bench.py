@@ -9,7 +9,8 @@ oneDNN's); and model-FLOP utilisation
     MFU = 3 x forward FLOPs x training images/s / GEMM FLOP/s of the matching precision.
 
 `--data` measures the data pipeline alone, in images/s, through the datamodule's training batches (CIFAR:
-in-memory uint8 batches plus on-device augmentation; ImageNet: the JPEG tree through worker processes).
+in-memory uint8 batches plus on-device augmentation; ImageNet: the JPEG tree, or with `--format litdata` its
+converted shards, through worker processes; `--decode cuda` decodes on the GPU).
 The measurements themselves live in `ran.tools.measure`.
 
 Human-readable lines first; the last line is one JSON object with every figure.
@@ -27,7 +28,8 @@ from typing import Any, get_args
 
 import torch
 
-from datamodules import CIFAR10DataModule, ImageNetDataModule
+from datamodules import CIFAR10DataModule, DataSettingError, ImageNetDataModule
+from datamodules.decoding import check_decode_device
 from ran.nn.registry import create_model, list_models
 from ran.tools.measure import (
     PRECISIONS,
@@ -89,8 +91,20 @@ def data_module(args: argparse.Namespace) -> CIFAR10DataModule | ImageNetDataMod
         )
         raise SystemExit(f"ran.bench: --data {args.data} needs --data-dir ({folder})")
     if args.data == "cifar10":
+        if (args.format, args.decode) != ("folder", "cpu"):
+            raise SystemExit("ran.bench: --format and --decode apply to --data imagenet")
         return CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size, val_size=0)
-    return ImageNetDataModule(data_dir=args.data_dir, batch_size=args.batch_size, num_workers=args.workers)
+    try:
+        check_decode_device(args.decode)
+    except DataSettingError as err:
+        raise SystemExit(f"ran.bench: {err}") from None
+    return ImageNetDataModule(
+        data_dir=args.data_dir,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        format=args.format,
+        decode=args.decode,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -140,6 +154,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data-images", type=int, default=20_000, help="with --data: images to time")
     p.add_argument("--workers", type=int, default=2, help="with --data imagenet: loader worker processes")
+    p.add_argument(
+        "--format",
+        default="folder",
+        choices=("folder", "litdata"),
+        help="with --data imagenet: the JPEG tree, or its shards (litdata: --data-dir SHARDS)",
+    )
+    p.add_argument(
+        "--decode",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="with --data imagenet: where JPEGs are decoded",
+    )
     p.add_argument(
         "--epoch",
         action="store_true",
@@ -239,8 +265,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["data"] = args.data
         result.update(data_throughput(data_module(args), device, args.data_images))
         result["data_workers"] = args.workers if args.data == "imagenet" else 0
+        what = args.data
+        if args.data == "imagenet":
+            result.update(data_format=args.format, data_decode=args.decode)
+            what += f", {args.format}, {args.decode} decode"
         print(
-            f"data pipeline ({args.data}): {result['data_img_s']:.0f} images/s "
+            f"data pipeline ({what}): {result['data_img_s']:.0f} images/s "
             f"over {result['data_images']} images at batch {args.batch_size}"
         )
         print(json.dumps(result))

@@ -60,7 +60,8 @@ def test_forward_shape_of_every_variant(name):
         logits = model(x)
         features = model.forward_features(x)
     assert logits.shape == (2, 7)
-    assert features.shape == (2, model.num_features)
+    stride = model.feature_stride
+    assert features.shape == (2, model.num_features, size // stride, size // stride)
     assert torch.isfinite(logits).all()
 
 
@@ -447,6 +448,7 @@ def test_reset_classifier_and_features():
     model.reset_classifier(3)
     assert model(x).shape == (2, 3) and model.num_classes == 3
     torch.testing.assert_close(model.forward_head(feats), model(x))
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
 
 
 def test_module_counts_can_be_overridden():

@@ -229,3 +229,16 @@ def test_bench_packed_trains_copies_side_by_side_and_sums_them(capsys):
     assert result["threads"] == max(1, (os.cpu_count() or 1) // 2) and "gemm_fp32_gflops" not in result
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].startswith("2 copies at once: ") and json.loads(out[-1]) == result
+
+
+def test_bench_times_the_imagenet_shards_beside_the_tree(imagenet_dir, tmp_path, capsys):
+    import datagen
+
+    shards = datagen.make_imagenet_shards(imagenet_dir, tmp_path / "shards")
+    args = ["--data", "imagenet", "--workers", "0", "--batch-size", "8"]
+    result = main([*args, "--format", "litdata", "--data-dir", str(shards)])
+    assert result["data_format"] == "litdata" and result["data_decode"] == "cpu"
+    assert result["data_images"] == 24 - 8 and result["data_img_s"] > 0
+    assert "data pipeline (imagenet, litdata, cpu decode): " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="apply to --data imagenet"):
+        main(["--data", "cifar10", "--data-dir", str(tmp_path), "--format", "litdata"])
