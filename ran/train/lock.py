@@ -13,9 +13,9 @@ the launcher itself is killed while they run.
 Network file systems: since Linux 2.6.12 the NFS client turns flock(2) into a byte-range lock held by the
 server, so it excludes processes on every client (unless mounted with `local_lock`); Lustre does so when
 mounted with `-o flock`. Where the file system offers only node-local locks (Lustre `-o localflock`, BeeGFS
-without global file locks), two hosts are not excluded. Where it offers none (ENOLCK, ENOSYS, EOPNOTSUPP), the holder record is
-the whole lock: a live holder on this host refuses the start, a dead one is taken over, and one on another
-host is taken over with a warning (it cannot be checked from here).
+without global file locks), two hosts are not excluded. Where it offers none (ENOLCK, ENOSYS, EOPNOTSUPP),
+the holder record is the whole lock: a live holder on this host refuses the start, a dead one is taken over,
+and one on another host is taken over with a warning (it cannot be checked from here).
 """
 
 from __future__ import annotations
