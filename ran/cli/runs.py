@@ -135,6 +135,7 @@ def prepare_run(subcommand: str, cfg: Any) -> SettledRun:
     run_dir = RunDir(Path(run.root) / run.name)
     lock = None
     if is_launch_rank_zero():
+        warn_of_a_shared_torchrun_store()
         check_writable(run_dir.path)
         lock = RunLock(run_dir.path, f"ran {subcommand}").acquire()
     try:
@@ -147,6 +148,25 @@ def prepare_run(subcommand: str, cfg: Any) -> SettledRun:
         raise
     wandb_id = agent_id or run_dir.wandb_id(subcommand) or os.environ.get("WANDB_RUN_ID") or new_wandb_id()
     return SettledRun(run_dir, wandb_id, lock)
+
+
+def warn_of_a_shared_torchrun_store() -> None:
+    """torchrun (torch 2.x) keeps one TCP store for every restart of its group and the workers use it
+    without a per-restart prefix (torch.distributed.rendezvous, `_create_c10d_store`), so a restarted
+    group's ranks can read the dead ranks' connection keys and hang while connecting (seen with gloo). Said
+    at a first start that may be restarted, where the fix still helps."""
+    env = os.environ
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if (
+        shared
+        and env.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    ):
+        warnings.warn(
+            "torchrun --max-restarts shares one TCP store between the group's restarts, where a restarted "
+            "group can hang while connecting: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+            stacklevel=3,
+        )
 
 
 def _settle(subcommand: str, cfg: Any, run_dir: RunDir) -> None:

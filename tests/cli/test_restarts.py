@@ -196,7 +196,7 @@ def test_torchrun_restarts_a_group_whose_rank_was_killed_and_it_ends_as_if_unint
         launcher += ["--max-restarts", "2", "--monitor-interval", "0.5"]
         return subprocess.run(
             [*launcher, "-m", "ran.cli", *args],
-            env=subprocess_env(),
+            env=subprocess_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),  # see docs/cluster.md, Restarts
             capture_output=True,
             text=True,
             timeout=900,
