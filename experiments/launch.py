@@ -2,15 +2,17 @@
 job per run and seed, or a job array over the seeds of each run), or as a plain list of commands for any other
 scheduler.
 
-Every run is `ran fit` on its config plus the budget overlay, then `ran test` of its best checkpoint. Its
-directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite, its tags the suite
-and its factors (from suite.yaml), and the suite, budget and factors are config keys (`run.suite`,
-`run.budget`, `run.factors`), so a dashboard groups, filters and compares the runs. Its resolved config
-(devices, nodes, network) comes from `ran.cli.resolve.resolve_config`, the parser that runs the job.
+Every run is `ran fit --ckpt_path auto` on its config plus the budget overlay (started, or resumed from its
+newest checkpoint: one command for a first start and every restart), then `ran test` of its best checkpoint.
+Its directory is `<root>/<suite>/<budget>/<run>/seed<S>`; its W&B group is the suite, its tags the suite and
+its factors (from suite.yaml), and the suite, budget and factors are config keys (`run.suite`, `run.budget`,
+`run.factors`), so a dashboard groups, filters and compares the runs. Its resolved config (devices, nodes,
+network) comes from `ran.cli.resolve.resolve_config`, the parser that runs the job.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import queue
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from experiments.suites import Run, Suite
 from ran.cli.resolve import ResolvedConfig, resolve_config
+from ran.train.lock import RunLock, RunLocked
 from ran.train.rundir import RunDir
 
 # A SLURM job array's seed: the script's runs read it from SLURM_ARRAY_TASK_ID.
@@ -85,20 +88,27 @@ class Job:
         """The config its `ran fit` runs with (run config, budget, overrides), as that command parses it."""
         return resolve_config(self.fit_args()[1:])
 
-    def fit_args(self, resume: bool = False) -> list[str]:
-        return ["fit", *self.config_args(), *(["--ckpt_path", "last"] if resume else [])]
+    def fit_args(self) -> list[str]:
+        """`ran fit` of the run: resumed from its newest checkpoint where it has one, else started
+        (`--ckpt_path auto`), so that the same command serves a first start and every restart."""
+        return ["fit", *self.config_args(), "--ckpt_path", "auto"]
 
     def test_args(self) -> list[str]:
         return ["test", *self.config_args(), "--ckpt_path", "best"]
 
+    def overwrites(self) -> bool:
+        """Whether its runs start afresh (`-- --run.overwrite true`), a diverged one included."""
+        extra = list(self.extra)
+        return any(a == "--run.overwrite" and extra[i + 1 : i + 2] == ["true"] for i, a in enumerate(extra))
+
     def state(self) -> str:
-        """'done' (fit finished and tested), 'resumable' (has a checkpoint), 'diverged' (its fit diverged:
-        resuming would diverge again) or 'new' (nothing to keep, including a directory left by a start that
-        failed before its first checkpoint)."""
+        """'done' (fit finished and tested), 'fitted' (fit finished, not tested), 'resumable' (has a
+        checkpoint), 'diverged' (its fit diverged: resuming would diverge again) or 'new' (nothing to keep,
+        including a directory left by a start that failed before its first checkpoint)."""
         run_dir = RunDir(self.run_dir)
         status = run_dir.fit_status()
-        if status == "finished" and "test" in run_dir.read_results():
-            return "done"
+        if status == "finished":
+            return "done" if "test" in run_dir.read_results() else "fitted"
         if status == "diverged":
             return "diverged"
         return "resumable" if run_dir.holds_run() else "new"
@@ -168,9 +178,16 @@ def run_local(
     threads: int | None = None,
     log=print,
     gpus: Sequence[str] | None = None,
+    poll: float = 5.0,
 ) -> dict[str, int]:
-    """Run the jobs here, `parallel` at a time. A run that finished is skipped, one with a last checkpoint
-    is resumed; each run's output goes to `<run dir>.log`. Returns each job's exit status by name.
+    """Run the jobs here, `parallel` at a time. A run that finished is skipped, one with a checkpoint is
+    resumed, one whose fit finished is only tested; each run's output goes to `<run dir>.log`. Returns each
+    job's exit status by name.
+
+    Each run is claimed by taking its lock (`ran.train.lock`) before anything is started for it, and the lock
+    is handed to its `ran fit` and `ran test`: a run that another launcher (or a `ran` process left running
+    by a killed one) holds is put back and tried again every `poll` seconds while the others go on, so two
+    launchers on one root share the runs and never train one at once.
 
     With GPUs (`gpus`, default `visible_gpus()`) the `parallel` run slots are dealt out over them, slot k on
     GPU k mod len(gpus): `--parallel 4` on one GPU packs four single-device runs onto it (a CIFAR network at
@@ -196,21 +213,57 @@ def run_local(
     statuses: dict[str, int] = {}
     running: set[subprocess.Popen] = set()
     stopping = threading.Event()
+    pending = collections.deque(jobs)
+    guard = threading.Lock()
+    waiting: set[str] = set()
 
-    def one(job: Job) -> None:
-        state = job.state()
+    def claim(job: Job) -> RunLock | None:
+        """The run's lock, or None (said once per run) while another process holds it."""
+        job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(job.run_dir, "python -m experiments run", warn=lambda text: log(f"[warn] {text}"))
+        try:
+            return lock.acquire()
+        except RunLocked as busy:
+            if job.name not in waiting:
+                waiting.add(job.name)
+                holder = busy.holder or "another process"
+                log(f"[wait] {job.name}: in use by {holder}; trying again every {poll:g} s")
+            return None
+
+    def worker() -> None:
+        busy_in_a_row = 0
+        while not stopping.is_set():
+            with guard:
+                if not pending:
+                    return
+                job = pending.popleft()
+            lock = claim(job)
+            if lock is None:
+                with guard:
+                    pending.append(job)
+                    busy_in_a_row += 1
+                    every_one_busy = busy_in_a_row >= len(pending)
+                if every_one_busy:
+                    stopping.wait(poll)
+                    busy_in_a_row = 0
+                continue
+            busy_in_a_row = 0
+            with lock:
+                one(job, lock)
+
+    def one(job: Job, lock: RunLock) -> None:
+        state = job.state()  # read under the lock: another launcher may have finished it meanwhile
         if state == "done":
             log(f"[skip] {job.name}: finished already")
             statuses[job.name] = 0
             return
-        if state == "diverged":
+        if state == "diverged" and not job.overwrites():
             log(
                 f"[fail] {job.name}: its fit diverged (see {RunDir(job.run_dir).results_file}); change the "
                 "recipe (e.g. -- --model.lr ...) and start it afresh with -- --run.overwrite true"
             )
             statuses[job.name] = 1
             return
-        job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         log_path = job.run_dir.with_suffix(".log")
         start = time.time()
         slot = slots.get()
@@ -218,7 +271,7 @@ def run_local(
         if job.name in single_device:
             job_env = {**env, "CUDA_VISIBLE_DEVICES": gpus[slot % len(gpus)]}
         try:
-            status = run_job(job, state, log_path, job_env)
+            status = run_job(job, state, log_path, job_env, lock)
         finally:
             slots.put(slot)
         took = f"{job.name} in {time.time() - start:.0f} s"
@@ -230,11 +283,14 @@ def run_local(
             log(f"[fail] {took}: fail (exit {status}; see {log_path})")
         statuses[job.name] = status
 
-    def run_job(job: Job, state: str, log_path: Path, env: dict[str, str]) -> int:
-        """`ran fit` (resumed where there is a checkpoint), then `ran test` if it succeeded."""
+    def run_job(job: Job, state: str, log_path: Path, env: dict[str, str], lock: RunLock) -> int:
+        """`ran fit` (resumed where there is a checkpoint; none when the fit finished), then `ran test` if
+        it succeeded, each sharing the launcher's lock of the run."""
+        handoff, fds = lock.handoff()
         with open(log_path, "a") as out:
             status = 0
-            for args in (job.fit_args(resume=state == "resumable"), job.test_args()):
+            stages = [job.test_args()] if state == "fitted" else [job.fit_args(), job.test_args()]
+            for args in stages:
                 if stopping.is_set():
                     status = 130
                     break
@@ -242,7 +298,11 @@ def run_local(
                 out.write(f"$ {shell_line(args)}\n")
                 out.flush()
                 proc = subprocess.Popen(
-                    [ran_executable(), *args], stdout=out, stderr=subprocess.STDOUT, env=env
+                    [ran_executable(), *args],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**env, **handoff},
+                    pass_fds=fds,
                 )
                 running.add(proc)
                 status = proc.wait()
@@ -263,8 +323,8 @@ def run_local(
     previous = signal.signal(signal.SIGTERM, stop) if in_main else None
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
-        for _ in pool.map(one, jobs):
-            pass
+        for future in [pool.submit(worker) for _ in range(parallel)]:
+            future.result()
     except KeyboardInterrupt:
         stopping.set()
         for proc in list(running):
@@ -276,6 +336,7 @@ def run_local(
                 proc.kill()
         raise
     finally:
+        stopping.set()  # a worker waiting for a busy run stops waiting
         pool.shutdown(wait=True)
         if in_main:
             signal.signal(signal.SIGTERM, previous)

@@ -103,18 +103,35 @@ def sbatch_script(job: Job, options: SlurmOptions, seeds: Sequence[int] = ()) ->
     lines += options.start_lines("-euo")
     ran = ran_executable()
     srun = "srun --kill-on-bad-exit=1"
-    # A requeued job finds its own hpc_ckpt_*.ckpt: `ran fit` resumes from it without --ckpt_path.
+    # `--ckpt_path auto`: a first start, a requeued job (its hpc_ckpt_*.ckpt) and a restart after a crashed
+    # rank all run the same command, each from the run's newest checkpoint.
     lines += [
         "# Since SLURM 22.05 srun does not pass --cpus-per-task on to its tasks: without this line, each",
         "# rank and its DataLoader workers may share one core.",
         "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
-        f"if [ -f {shell_quote(str(job.run_dir / 'checkpoints' / 'last.ckpt'))} ]; "
-        "then RESUME='--ckpt_path last'; else RESUME=''; fi",
-        f"{srun} {shell_line(job.fit_args(), ran)} $RESUME",
+        *restart_loop(f"{srun} {shell_line(job.fit_args(), ran)}"),
         f"{srun} --ntasks=1 --nodes=1 {shell_line(job.test_args(), ran)} --trainer.devices 1 "
         "--trainer.num_nodes 1 --trainer.strategy auto",
     ]
     return "\n".join(lines) + "\n"
+
+
+def restart_loop(command: str, indent: str = "") -> list[str]:
+    """Shell lines that run `command` (a fit with `--ckpt_path auto`) and, when a crash ended it (a rank
+    killed by a signal: exit 128 + N, other than SIGTERM's 143 and SIGINT's 130, which are stops someone
+    asked for), run it again from the run's newest checkpoint, up to $RAN_RESTARTS (default 2) times. A
+    fit that failed by itself (exit 1 or 2: bad config, data or a divergence) is not restarted."""
+    return [
+        f"{indent}restarts=${{RAN_RESTARTS:-2}}",
+        f"{indent}until {command}; do",
+        f"{indent}  status=$?",
+        f'{indent}  if [ "$status" -lt 128 ] || [ "$status" -eq 130 ] || [ "$status" -eq 143 ] '
+        f'|| [ "$restarts" -le 0 ]; then exit "$status"; fi',
+        f"{indent}  restarts=$((restarts - 1))",
+        f'{indent}  echo "$(date): the fit crashed (exit $status); restarting it from its newest checkpoint '
+        f'($restarts left)"',
+        f"{indent}done",
+    ]
 
 
 def packed_sbatch_script(jobs: Sequence[Job], options: SlurmOptions, name: str) -> str:
@@ -167,14 +184,12 @@ def packed_sbatch_script(jobs: Sequence[Job], options: SlurmOptions, name: str) 
     ]
     ran = ran_executable()
     for job in jobs:
-        last = shell_quote(str(job.run_dir / "checkpoints" / "last.ckpt"))
         lines += [
             f"mkdir -p {shell_quote(str(job.run_dir.parent))}",
             "(",
             "  trap 'stopped=1' TERM  # the run saves and exits; its test waits for the requeued job",
-            f"  if [ -f {last} ]; then RESUME='--ckpt_path last'; else RESUME=''; fi",
-            f"  printf '%s %s\\n' {shlex.quote('$ ' + shell_line(job.fit_args(), ran))} \"$RESUME\"",
-            f"  {shell_line(job.fit_args(), ran)} $RESUME || exit $?",
+            f"  echo {shlex.quote('$ ' + shell_line(job.fit_args(), ran))}",
+            f"  {shell_line(job.fit_args(), ran)} || exit $?",
             '  [ -z "${stopped:-}" ] || exit 143',
             f"  echo {shlex.quote('$ ' + shell_line(job.test_args(), ran))}",
             f"  {shell_line(job.test_args(), ran)}",

@@ -25,11 +25,15 @@ class ResumeProbe(pl.Callback):
         optimizer = trainer.optimizers[0]
         first = next(pl_module.parameters())
         momentum = optimizer.state.get(first, {}).get("momentum_buffer")
+        best = getattr(trainer.checkpoint_callback, "best_model_score", None)
+        val_best = pl_module.val_acc1_best
         record = {
             "global_step": trainer.global_step,
             "lr": optimizer.param_groups[0]["lr"],
             "momentum_buffer_sum": None if momentum is None else float(momentum.double().sum()),
             "torch_rng_sum": int(torch.get_rng_state().long().sum()),
+            "best_model_score": None if best is None else float(best),
+            "val_acc1_best": float(val_best.compute()) if val_best.update_called else None,
         }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"resume_rank{trainer.global_rank}.json").write_text(json.dumps(record))
@@ -99,6 +103,25 @@ class SignalAt(pl.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class CrashAt(pl.Callback):
+    """Ends the process at once after the given optimizer step, saving nothing: with `rank`, only on that
+    global rank and only on the first start of a torchrun group (TORCHELASTIC_RESTART_COUNT 0), by SIGKILL
+    (a kill -9); without, by raising (in-process runs, where a kill would end the test)."""
+
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if trainer.global_step != self.step:
+            return
+        if self.rank is None:
+            raise RuntimeError(f"crashed after step {self.step}")
+        if trainer.global_rank == self.rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class PoisonAt(pl.Callback):

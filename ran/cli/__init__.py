@@ -1,7 +1,7 @@
 """The `ran` command: `ran fit|validate|test|predict` (LightningCLI) and `ran summary`.
 
     ran fit -c experiments/configs/cifar10/attention92.yaml                      # train
-    ran fit -c experiments/configs/cifar10/attention92.yaml --ckpt_path last     # resume the same run
+    ran fit -c experiments/configs/cifar10/attention92.yaml --ckpt_path auto     # start or resume the run
     ran test -c experiments/configs/cifar10/attention92.yaml --ckpt_path best    # test its best checkpoint
     ran fit -c experiments/configs/cifar10/attention92.yaml --print_config       # the merged config
 
@@ -12,8 +12,11 @@ Runs: each run lives in `<run.root>/<run.name>` (default `runs/<name>`): `config
 `config_<stage>.yaml` for validate/test/predict), `checkpoints/best.ckpt` (by val/acc1) and
 `checkpoints/last.ckpt`, `results.json` (final metrics, see `ran.train.results`), the W&B files under `wandb/`
 or `csv/version_N/metrics.csv`.
-`ran fit` refuses an existing run directory unless it resumes (`--ckpt_path last|best|PATH`, or a SLURM
-requeue that left `hpc_ckpt_N.ckpt`) or `--run.overwrite true` is given.
+`ran fit` refuses an existing run directory unless it resumes (`--ckpt_path auto|last|best|PATH`, or a SLURM
+requeue that left `hpc_ckpt_N.ckpt`) or `--run.overwrite true` is given; `auto` starts a run that has no
+checkpoint yet. Every stage holds the run directory's lock (`run.lock`, `ran.train.lock`) while it runs; a
+second process on the run is refused, naming the holder. In a W&B sweep trial, the agent's run id is the
+run's, and it is appended to the run name (one directory per trial).
 
 The W&B record: each stage of a run is a W&B run of its own, in the run's group (`--run.group`) and with the
 stage as its `job_type`: `ran fit` logs to `<name>` (its id kept in `wandb_run_id`, so a resumed fit continues

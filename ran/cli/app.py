@@ -17,7 +17,7 @@ from pytorch_lightning.plugins.io import CheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from ran.cli.meta import SaveRunConfig, config_files, run_meta
-from ran.cli.runs import RunConfig, check_checkpoint, prepare_run
+from ran.cli.runs import RunConfig, SameCheckpointOnEveryRank, check_checkpoint, prepare_run
 from ran.tools.mask_monitor import SoftMaskMonitor
 from ran.train.allocator import keep_freed_memory
 from ran.train.callbacks import (
@@ -32,11 +32,13 @@ from ran.train.callbacks import (
     ValidateAtMaxSteps,
 )
 from ran.train.config import ConfigError, resolve_config_args
+from ran.train.lock import RunLock
+from ran.train.metric_state import MetricStateCallback
 from ran.train.module import ImageClassifier
 from ran.train.recipe import check_compile_mode
 from ran.train.results import ResultsWriter
 from ran.train.throughput import ImageThroughput
-from ran.train.tracking import wandb_mode
+from ran.train.tracking import sweep_run_id, wandb_mode
 
 __all__ = ["RanArgumentParser", "RanCLI"]
 
@@ -62,20 +64,25 @@ class RanCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         self.stop: GracefulStop | None = None
+        self.lock: RunLock | None = None
         args = list(sys.argv[1:] if args is None else args)
         self.config_files = config_files(args)
-        super().__init__(
-            ImageClassifier,
-            pl.LightningDataModule,
-            subclass_mode_data=True,
-            save_config_callback=SaveRunConfig,
-            auto_configure_optimizers=False,
-            parser_class=RanArgumentParser,
-            # allow_abbrev=False: `--run.over true` is an error, not `--run.overwrite true`
-            parser_kwargs={"prog": "ran", "allow_abbrev": False},
-            args=resolve_config_args(args),
-            **kwargs,
-        )
+        try:
+            super().__init__(
+                ImageClassifier,
+                pl.LightningDataModule,
+                subclass_mode_data=True,
+                save_config_callback=SaveRunConfig,
+                auto_configure_optimizers=False,
+                parser_class=RanArgumentParser,
+                # allow_abbrev=False: `--run.over true` is an error, not `--run.overwrite true`
+                parser_kwargs={"prog": "ran", "allow_abbrev": False},
+                args=resolve_config_args(args),
+                **kwargs,
+            )
+        finally:
+            if self.lock is not None:  # held from the settling of the run directory to the stage's end
+                self.lock.release()
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(RunConfig, "run")
@@ -87,7 +94,8 @@ class RanCLI(LightningCLI):
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):
             subcommand = self.config.subcommand
-            self.run_dir, self.wandb_id = prepare_run(subcommand, self.config[subcommand])
+            settled = prepare_run(subcommand, self.config[subcommand])
+            self.run_dir, self.wandb_id, self.lock = settled.run_dir, settled.wandb_id, settled.lock
 
     def _parse_ckpt_path(self) -> None:
         """Off: the checkpoint's hyperparameters never override the config (see the class docstring)."""
@@ -148,7 +156,12 @@ class RanCLI(LightningCLI):
         self.stop = GracefulStop(last)
         # DivergenceGuard first: it must see a step's loss before any callback saves that step's weights.
         callbacks = [DivergenceGuard(), *(trainer_cfg.get("callbacks") or [])]
-        callbacks += [RNGStateCallback(), ValidateAtMaxSteps(), ResultsWriter(self.run_dir.path)]
+        callbacks += [
+            SameCheckpointOnEveryRank(cfg.get("ckpt_path")),
+            RNGStateCallback(),
+            MetricStateCallback(),
+        ]
+        callbacks += [ValidateAtMaxSteps(), ResultsWriter(self.run_dir.path)]
         if last is not None:
             best = ModelCheckpoint(
                 dirpath=self.run_dir.checkpoints,
@@ -157,6 +170,9 @@ class RanCLI(LightningCLI):
                 mode="max",
                 save_top_k=1,
                 auto_insert_metric_name=False,
+                # A resume from a state saved before a best.ckpt that a killed run wrote replaces that file
+                # (the default would write best-v1.ckpt beside it, and `--ckpt_path best` read the old one).
+                enable_version_counter=False,
             )
             callbacks += [best, last]
         callbacks += [self.stop, SoftMaskMonitor(self.run_dir.path)]
@@ -214,17 +230,20 @@ class RanCLI(LightningCLI):
     def _logger_defaults(self, kind: type, run: Any) -> dict[str, Any]:
         """ran's settings of a WandbLogger or CSVLogger: files in the run directory; for W&B the run's id,
         name, project, entity, group and tags, `job_type` the subcommand (fit, validate, test, predict: each
-        stage is a W&B run of its own, `<name>-<stage>` beside the fit's `<name>`), online or offline."""
+        stage is a W&B run of its own, `<name>-<stage>` beside the fit's `<name>`), online or offline. In a
+        W&B sweep trial, wandb takes the agent's id, project and entity whatever it is passed (warning about
+        each), so none are passed: `self.wandb_id` is the agent's id already."""
         if issubclass(kind, CSVLogger):
             return {"save_dir": self.run_dir.path, "name": "csv"}
         stage = self.subcommand
         mode = wandb_mode()
+        agent = sweep_run_id() is not None
         return {
             "name": run.name if stage == "fit" else f"{run.name}-{stage}",
             "save_dir": self.run_dir.path,
-            "id": self.wandb_id,
-            "project": run.project,
-            "entity": run.entity,
+            "id": None if agent else self.wandb_id,
+            "project": None if agent else run.project,
+            "entity": None if agent else run.entity,
             "group": run.group,
             "tags": list(run.tags) or None,
             "job_type": stage,

@@ -1,29 +1,36 @@
-"""A run's directory, settled before a stage runs: the `run` config group, where the run lives, whether
-`ran fit` may start, resume or must refuse it, which checkpoint `--ckpt_path last|best` means, and whether a
-checkpoint holds the network the config builds."""
+"""A run's directory, settled before a stage runs: the `run` config group, where the run lives, its lock,
+whether `ran fit` may start, resume or must refuse it, which checkpoint `--ckpt_path auto|last|best` means
+(the same on every rank), and whether a checkpoint holds the network the config builds."""
 
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
 from ran.nn.registry import list_models
 from ran.train.config import ConfigError
+from ran.train.lock import RunLock
 from ran.train.module import describe_network, network_of
 from ran.train.rundir import RunDir, checkpoint_problem
-from ran.train.tracking import new_wandb_id
+from ran.train.tracking import new_wandb_id, sweep_run_id
 
 __all__ = [
     "RunConfig",
+    "SameCheckpointOnEveryRank",
+    "SettledRun",
+    "auto_checkpoint",
     "check_checkpoint",
     "check_fit_finished",
+    "check_not_finished",
     "check_writable",
     "find_checkpoint",
     "is_launch_rank_zero",
@@ -94,11 +101,24 @@ def check_writable(path: Path) -> None:
         )
 
 
-def prepare_run(subcommand: str, cfg: Any) -> tuple[RunDir, str]:
+@dataclass
+class SettledRun:
+    """What `prepare_run` settled: the run directory, the stage's W&B run id and the run's lock (held by the
+    process that is or will be global rank 0; None on the other ranks)."""
+
+    run_dir: RunDir
+    wandb_id: str
+    lock: RunLock | None
+
+
+def prepare_run(subcommand: str, cfg: Any) -> SettledRun:
     """Settle the run directory of `ran SUBCOMMAND` with the parsed config `cfg` before anything is built:
-    the run's name, a refused, cleared or reused directory, `ckpt_path` 'last'/'best' resolved to a file in
-    `cfg`. Returns the run directory and the stage's W&B run id (the stored one, so a resumed stage continues
-    its W&B run, or a new one)."""
+    the run's name (a W&B sweep trial's gets its W&B id appended), the directory's lock, a refused, cleared
+    or reused directory, `ckpt_path` 'auto' resolved to 'last' or None and 'last'/'best' to a file in `cfg`.
+
+    The W&B id is a sweep agent's (which wandb takes whatever it is passed), else the stored one (so a resumed
+    stage continues its W&B run), else WANDB_RUN_ID or a new one. Every rank of a DDP job settles the same
+    checkpoint from the same files; only the rank-0 process locks, creates, clears or deletes anything."""
     if cfg.model.arch not in list_models():
         raise ConfigError(
             f"unknown model {cfg.model.arch!r} (model.arch); known models: {', '.join(list_models())}"
@@ -109,20 +129,64 @@ def prepare_run(subcommand: str, cfg: Any) -> tuple[RunDir, str]:
         )
     run = cfg.run
     run.name = run.name or cfg.model.arch
+    agent_id = sweep_run_id()
+    if agent_id and not run.name.endswith(f"-{agent_id}"):
+        run.name = f"{run.name}-{agent_id}"  # one directory per trial: an agent passes every trial one name
     run_dir = RunDir(Path(run.root) / run.name)
-    ckpt = cfg.get("ckpt_path")
-    foreign = ckpt not in (None, "last", "best") and not run_dir.owns(ckpt)
+    lock = None
     if is_launch_rank_zero():
+        warn_of_a_shared_torchrun_store()
         check_writable(run_dir.path)
+        lock = RunLock(run_dir.path, f"ran {subcommand}").acquire()
+    try:
+        if lock is not None:  # the lock's holder alone: no other process can be writing one
+            run_dir.remove_partial_saves()
+        _settle(subcommand, cfg, run_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    wandb_id = agent_id or run_dir.wandb_id(subcommand) or os.environ.get("WANDB_RUN_ID") or new_wandb_id()
+    return SettledRun(run_dir, wandb_id, lock)
+
+
+def warn_of_a_shared_torchrun_store() -> None:
+    """torchrun (torch 2.x) keeps one TCP store for every restart of its group and the workers use it
+    without a per-restart prefix (torch.distributed.rendezvous, `_create_c10d_store`), so a restarted
+    group's ranks can read the dead ranks' connection keys and hang while connecting (seen with gloo). Said
+    at a first start that may be restarted, where the fix still helps."""
+    env = os.environ
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if (
+        shared
+        and env.get("TORCHELASTIC_RESTART_COUNT") == "0"
+        and env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    ):
+        warnings.warn(
+            "torchrun --max-restarts shares one TCP store between the group's restarts, where a restarted "
+            "group can hang while connecting: export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun",
+            stacklevel=3,
+        )
+
+
+def _settle(subcommand: str, cfg: Any, run_dir: RunDir) -> None:
+    run = cfg.run
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "auto":
+        ckpt = cfg.ckpt_path = auto_checkpoint(subcommand, run_dir, run.overwrite)
+    foreign = ckpt not in (None, "last", "best") and not run_dir.owns(ckpt)
+    if subcommand == "fit" and ckpt == "last":
+        check_not_finished(run_dir, cfg.trainer.get("max_steps"))
     if subcommand == "fit" and is_launch_rank_zero():
         requeued = SLURMEnvironment.detect() and bool(run_dir.hpc_checkpoints())
         if run_dir.holds_run() and ckpt is None and not requeued:
             if not run.overwrite:
                 raise ConfigError(
-                    f"run directory {run_dir.path} exists; resume with --ckpt_path last, pick another "
-                    "--run.name (or --run.root), or pass --run.overwrite true to delete it and start afresh"
+                    f"run directory {run_dir.path} exists; resume with --ckpt_path last (or auto), pick "
+                    "another --run.name (or --run.root), or pass --run.overwrite true to delete it and start "
+                    "afresh"
                 )
-            shutil.rmtree(run_dir.path)
+            run_dir.delete_run()
         elif not run_dir.holds_run() and run_dir.path.exists() and ckpt is None:
             # Left by a start that failed or was killed before its first checkpoint: nothing to keep.
             run_dir.clear_started_files()
@@ -135,7 +199,62 @@ def prepare_run(subcommand: str, cfg: Any) -> tuple[RunDir, str]:
         check_fit_finished(run_dir, run.allow_unfinished)
     if ckpt in ("last", "best"):
         cfg.ckpt_path = str(find_checkpoint(run_dir, ckpt))
-    return run_dir, run_dir.wandb_id(subcommand) or new_wandb_id()
+
+
+def auto_checkpoint(subcommand: str, run_dir: RunDir, overwrite: bool = False) -> str | None:
+    """What `--ckpt_path auto` means: 'last' (the newest readable checkpoint) when the run directory holds
+    a run, None (start afresh) when it does not or `--run.overwrite true` asks for a fresh start. A fit that
+    diverged is not resumed: it would diverge again."""
+    if subcommand != "fit":
+        raise ConfigError(
+            f"--ckpt_path auto resumes or starts a fit; ran {subcommand} takes best, last or a checkpoint "
+            "file"
+        )
+    if overwrite or not run_dir.holds_run():
+        return None
+    if run_dir.fit_status() == "diverged":
+        raise ConfigError(
+            f"the fit of {run_dir.path} diverged (see {run_dir.results_file}), and --ckpt_path auto does not "
+            "resume it, as it would diverge again: resume with --ckpt_path last and a lower --model.lr, or "
+            "start afresh with --run.overwrite true"
+        )
+    return "last"
+
+
+def check_not_finished(run_dir: RunDir, max_steps: int | None) -> None:
+    """A resumed fit whose run finished at `max_steps` has nothing to train: say so and exit 0 (a restarted
+    job, a resumed sweep trial) rather than rewrite its results with an empty fit."""
+    results = run_dir.read_results() if run_dir.fit_status() == "finished" else {}
+    step = results.get("fit", {}).get("global_step")
+    if max_steps is not None and max_steps > 0 and step is not None and step >= max_steps:
+        print(
+            f"ran fit: {run_dir.path} finished already at step {step} (--trainer.max_steps {max_steps}); "
+            "nothing to train (ran test evaluates it; a larger --trainer.max_steps trains on)",
+            file=sys.stderr,
+        )
+        raise SystemExit(0)
+
+
+class SameCheckpointOnEveryRank(pl.Callback):
+    """Checks, once the process group exists, that every rank resolved the same `--ckpt_path` (each rank
+    settles it from the run directory's files before any process group exists; a restarted group reads
+    files that no process writes meanwhile, so they agree, and this makes sure)."""
+
+    def __init__(self, ckpt_path: str | None) -> None:
+        self.ckpt_path = ckpt_path
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = str(Path(self.ckpt_path).resolve()) if self.ckpt_path else None
+        chosen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(chosen, mine)
+        if len(set(chosen)) > 1:
+            raise ConfigError(
+                "the ranks resolved different checkpoints ("
+                + ", ".join(f"rank {r}: {c}" for r, c in enumerate(chosen))
+                + "): a process wrote the run directory while this job started; start it again"
+            )
 
 
 def find_checkpoint(run_dir: RunDir, which: str) -> Path:

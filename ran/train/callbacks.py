@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io import TorchCheckpointIO
-from pytorch_lightning.callbacks import BasePredictionWriter, TQDMProgressBar
+from pytorch_lightning.callbacks import BasePredictionWriter, Checkpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -288,9 +288,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise UnreadableCheckpoint(f"cannot load checkpoint {path}: {problem}") from None
 
 
-class LastCheckpoint(pl.Callback):
+class LastCheckpoint(Checkpoint):
     """Keeps `checkpoints/last.ckpt` the newest training state: every `every_n_steps` optimizer steps, after
     every validation, at the end of training and when a signal stops the run (`GracefulStop`).
+
+    A `Checkpoint`, so that Lightning runs it after the best-checkpoint ModelCheckpoint (it moves checkpoint
+    callbacks to the end, in their given order): the state saved after a validation holds that validation's
+    best score, which a resume from it must know.
 
     Lightning's ModelCheckpoint with `save_last=True` rewrites last.ckpt only when it also saves a top-k
     checkpoint, so a resumed run repeated the steps since the last improvement and a finished run's final
@@ -313,7 +317,8 @@ class LastCheckpoint(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            self.save(trainer)
+            if not _validates_after_this_batch(trainer):  # else saved at the validation's end
+                self.save(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -323,6 +328,17 @@ class LastCheckpoint(pl.Callback):
         # Saved again even at the step of the last validation: a save inside validation precedes Lightning's
         # count of logged steps for that step, so a run extended from it would log one step behind.
         self.save(trainer, again=True)
+
+
+def _validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning validates right after the current training batch. A state saved before that
+    validation would skip it on resume (Lightning takes a checkpoint of a batch's end as past the batch's
+    validation), and with it the validation's best.ckpt candidate and results."""
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher)) and not loop._skip_next_val
+    except (AttributeError, TypeError):  # another Lightning's loop: save as before
+        return False
 
 
 class GracefulStop(pl.Callback):

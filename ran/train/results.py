@@ -108,7 +108,9 @@ class ResultsWriter(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if trainer.state.fn == "fit" and self.run_dir.path.is_dir():
+        # Only a fit that got as far as saving its config: a start that failed before leaves no results.json
+        # (its run directory, made for the lock, then holds nothing and is removed again).
+        if trainer.state.fn == "fit" and self.run_dir.config_file("fit").is_file():
             lines = str(exception).strip().splitlines()
             self._fit(
                 trainer, fault_status(exception), error=lines[-1] if lines else type(exception).__name__

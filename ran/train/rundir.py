@@ -8,6 +8,7 @@
         results.json           the run's status and final metrics, readable without W&B or a network
         wandb_run_id           the fit's W&B run id, so that a resumed run continues the same W&B run
         wandb_run_id_<stage>   the W&B run id of `ran validate|test|predict` (a run of its own, see ran.cli)
+        run.lock               held (flock) by the process working in the run, naming it (`ran.train.lock`)
 
 `results.json`:
 
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from ran.train.lock import LOCK_FILE
 
 RESULTS_FILE = "results.json"
 WANDB_ID_FILE = "wandb_run_id"
@@ -145,6 +148,10 @@ class RunDir:
         return self.checkpoints / "best.ckpt"
 
     @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    @property
     def results_file(self) -> Path:
         return self.path / RESULTS_FILE
 
@@ -191,6 +198,28 @@ class RunDir:
             path.unlink(missing_ok=True)
         for name in ("csv", "wandb", "masks", "checkpoints"):
             shutil.rmtree(self.path / name, ignore_errors=True)
+
+    def remove_partial_saves(self) -> list[Path]:
+        """Delete the temporary files of saves cut short by a kill (`write_atomically`'s `.<name>.tmp<pid>`
+        beside results.json, the W&B ids and the checkpoints). Only for the holder of the run's lock: no
+        other process can be writing one."""
+        partial = [
+            p for folder in (self.path, self.checkpoints) for p in folder.glob(".*.tmp*") if p.is_file()
+        ]
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return partial
+
+    def delete_run(self) -> None:
+        """Delete everything in the directory but its lock file (held by the process that deletes it, so
+        that no other process can start in the directory meanwhile)."""
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if entry.name == LOCK_FILE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def owns(self, path: str | Path) -> bool:
         """Whether `path` lies inside this run directory."""
@@ -255,7 +284,7 @@ class RunDir:
         return path.read_text().strip() if path.is_file() else None
 
     def save_wandb_id(self, run_id: str, stage: str = "fit") -> None:
+        """Persist `stage`'s W&B run id once (atomically: a kill mid-write leaves no empty id behind)."""
         path = self.stage_wandb_id_file(stage)
-        if not path.is_file():
-            self.path.mkdir(parents=True, exist_ok=True)
-            path.write_text(run_id + "\n")
+        if not self.wandb_id(stage):
+            write_atomically(path, lambda f: f.write(f"{run_id}\n".encode()))

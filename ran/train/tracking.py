@@ -1,4 +1,5 @@
-"""W&B facts every command shares: whether to log online or offline, and fresh run ids."""
+"""W&B facts every command shares: whether to log online or offline, fresh run ids, and the run id a W&B
+sweep agent gives the trial it starts."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import string
 from typing import Literal
 from urllib.parse import urlparse
 
-__all__ = ["new_wandb_id", "wandb_has_credentials", "wandb_mode"]
+__all__ = ["new_wandb_id", "sweep_run_id", "wandb_has_credentials", "wandb_mode"]
 
 
 def wandb_has_credentials() -> bool:
@@ -36,3 +37,15 @@ def wandb_mode() -> Literal["online", "offline", "disabled"]:
 def new_wandb_id() -> str:
     """A fresh W&B run id (8 lowercase letters and digits, W&B's own format)."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def sweep_run_id() -> str | None:
+    """The run id of this process's W&B sweep trial, or None outside a sweep.
+
+    `wandb agent` starts each trial with WANDB_SWEEP_ID and WANDB_RUN_ID set (wandb/wandb_agent.py), and
+    inside a sweep `wandb.init` ignores the id, project and entity it is passed and takes these
+    (wandb/sdk/wandb_init.py, clear_run_path_if_sweep_or_launch): the trial's id is WANDB_RUN_ID.
+    """
+    if not os.environ.get("WANDB_SWEEP_ID"):
+        return None
+    return os.environ.get("WANDB_RUN_ID") or None

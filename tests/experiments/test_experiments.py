@@ -138,7 +138,7 @@ def test_command_list_fits_then_tests_every_run_and_seed(tmp_path):
     assert "experiments/suites/arl_vs_nal/attention56_nal.yaml" in args
     assert args[args.index("--run.name") + 1] == "arl_vs_nal/paper/attention56_nal/seed1"
     assert args[args.index("--seed_everything") + 1] == "1"
-    assert args[-2:] == ["--trainer.precision", "bf16-mixed"]
+    assert args[-4:] == ["--trainer.precision", "bf16-mixed", "--ckpt_path", "auto"]
     assert shlex.split(test)[-2:] == ["--ckpt_path", "best"]
 
 
@@ -167,7 +167,7 @@ def test_cli_list_launcher_prints_commands(capsys):
     assert len(lines) == 2
     assert "experiments/budgets/cifar/cpu-mini.yaml" in lines[0]
     assert "--data.init_args.data_dir /data" in lines[0] and lines[0].split(" && ")[0].endswith(
-        "--trainer.max_steps 10"
+        "--trainer.max_steps 10 --ckpt_path auto"
     )
 
 
@@ -404,13 +404,13 @@ def test_local_launcher_runs_skips_and_resumes(tmp_path, monkeypatch):
     jobs = make_jobs(suite, "smoke", [0, 1], tmp_path / "runs")
     assert run_local(jobs, parallel=2, log=lambda _: None) == {j.name: 0 for j in jobs}
     assert all(j.state() == "done" for j in jobs)
-    # a finished run is skipped; one with a checkpoint but no test results is resumed with --ckpt_path last
+    # a finished run is skipped; one with a checkpoint but no results is resumed (--ckpt_path auto)
     (jobs[0].run_dir / "results.json").unlink()
     calls = jobs[0].run_dir.parent / "calls.txt"
     calls.write_text("")
     assert run_local(jobs, log=lambda _: None) == {j.name: 0 for j in jobs}
     lines = calls.read_text().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("fit") and lines[0].endswith("--ckpt_path last")
+    assert len(lines) == 2 and lines[0].startswith("fit") and lines[0].endswith("--ckpt_path auto")
     # a directory left by a start that never reached a checkpoint is started again, the user's files kept
     stale = jobs[2].run_dir
     for p in sorted(stale.rglob("*"), reverse=True):
