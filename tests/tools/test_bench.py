@@ -229,3 +229,18 @@ def test_bench_packed_trains_copies_side_by_side_and_sums_them(capsys):
     assert result["threads"] == max(1, (os.cpu_count() or 1) // 2) and "gemm_fp32_gflops" not in result
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-2].startswith("2 copies at once: ") and json.loads(out[-1]) == result
+
+
+def test_bench_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(
+        SystemExit, match="--cuda-graph captures CUDA graphs, which cpu has not: use --device cuda"
+    ):
+        main(["--model", "attention56_cifar", "--device", "cpu", "--cuda-graph", "--model-kwargs", TINY])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the captured step")
+def test_bench_cuda_graph_times_the_captured_step(capsys):
+    result = main(
+        ["--model", "attention56_cifar", "--device", "cuda", "--cuda-graph", "--model-kwargs", TINY]
+    )
+    assert result["cuda_graph"] is True and result["train_img_s"] > 0
