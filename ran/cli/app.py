@@ -35,7 +35,7 @@ from ran.train.config import ConfigError, resolve_config_args
 from ran.train.lock import RunLock
 from ran.train.metric_state import MetricStateCallback
 from ran.train.module import ImageClassifier
-from ran.train.recipe import check_compile_mode
+from ran.train.recipe import check_compile_mode, check_cuda_graph
 from ran.train.results import ResultsWriter
 from ran.train.throughput import ImageThroughput
 from ran.train.tracking import sweep_run_id, wandb_mode
@@ -107,6 +107,7 @@ class RanCLI(LightningCLI):
         self._check_checkpoint()
         try:
             check_compile_mode(self.model.hparams, self.trainer.world_size)
+            check_cuda_graph(self.model.hparams, self.trainer)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if self.trainer.strategy.root_device.type == "cpu":

@@ -45,6 +45,7 @@ from ran.tools.measure import (
     train_step_times,
 )
 from ran.train.allocator import keep_freed_memory
+from ran.train.graphed_step import WARMUP_STEPS
 from ran.train.recipe import CompileMode
 
 
@@ -60,8 +61,10 @@ def step_settings(
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
         model_kwargs=args.model_kwargs,
-        warmup=args.warmup,
+        # --cuda-graph: the capture after the warm-up steps is not timed either
+        warmup=max(args.warmup, WARMUP_STEPS + 1) if args.cuda_graph else args.warmup,
         blocks=args.blocks,
         steps_per_block=args.steps_per_block,
     )
@@ -131,6 +134,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="MODE",
         help="torch.compile the network, in MODE (default: default; reduce-overhead and max-autotune also "
         "replay CUDA graphs)",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="the whole training step (forward, backward, SGD) as one CUDA graph (model.cuda_graph)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--input-size", type=int, help="default: the model's own (32 CIFAR, 224 ImageNet)")
@@ -255,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(
+            f"ran.bench: --cuda-graph captures CUDA graphs, which {device} has not: use --device cuda"
+        )
     result: dict[str, Any] = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         precision=args.precision,
         channels_last=args.channels_last,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
         fwd_macs=macs,
         fwd_gflops=2 * macs / 1e9,
     )
@@ -363,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model_kwargs=args.model_kwargs,
             channels_last=args.channels_last,
             compile=args.compile,
+            cuda_graph=args.cuda_graph,
         )
         result.update(epoch_time(module, dm, device, args.precision))
         # The pure step is timed again after the epoch and the faster of the two is the reference: a process's

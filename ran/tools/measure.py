@@ -165,9 +165,10 @@ def timing_classifier(
     model_kwargs: dict[str, Any] | None = None,
     channels_last: bool = False,
     compile: str | None = None,
+    cuda_graph: bool = False,
 ) -> ImageClassifier:
     """The training module with the recipe's optimizer and a learning rate that never drops while timed;
-    `compile`: None, or the torch.compile mode of the network."""
+    `compile`: None, or the torch.compile mode of the network; `cuda_graph`: the step as one CUDA graph."""
     return ImageClassifier(
         arch=arch,
         num_classes=num_classes,
@@ -176,6 +177,7 @@ def timing_classifier(
         channels_last=channels_last,
         compile=compile is not None,
         compile_mode=compile or "default",
+        cuda_graph=cuda_graph,
     )
 
 
@@ -219,6 +221,7 @@ def train_step_times(
     precision: str = "32",
     channels_last: bool = False,
     compile: str | None = None,
+    cuda_graph: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     warmup: int = 3,
     blocks: int = 5,
@@ -231,7 +234,12 @@ def train_step_times(
     with Lightning's own overhead, and no data loading. Returns the block times and the trained module.
     """
     module = timing_classifier(
-        arch, num_classes, model_kwargs=model_kwargs, channels_last=channels_last, compile=compile
+        arch,
+        num_classes,
+        model_kwargs=model_kwargs,
+        channels_last=channels_last,
+        compile=compile,
+        cuda_graph=cuda_graph,
     )
     steps = warmup + blocks * steps_per_block
     x = torch.randn(batch_size, 3, input_size, input_size, device=device)

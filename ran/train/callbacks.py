@@ -145,16 +145,38 @@ class PredictionWriter(BasePredictionWriter):
 
 class StepProgressBar(TQDMProgressBar):
     """Lightning's TQDM progress bar, also showing the optimizer step out of `trainer.max_steps` (the paper's
-    schedules count iterations). Refreshes every batch on a terminal and every `log_refresh_rate` batches
-    when the output goes to a file (a SLURM log), so logs show progress without a line per step."""
+    schedules count iterations) and the training loss. Refreshes every batch on a terminal and every
+    `log_refresh_rate` batches when the output goes to a file (a SLURM log), so logs show progress without a
+    line per step.
+
+    The loss shown is that of the newest log step (every `trainer.log_every_n_steps`): reading it on the host
+    makes the host wait for the GPU, which after every step would keep the GPU idle while the host queues the
+    next one.
+    """
 
     def __init__(self, log_refresh_rate: int = 100) -> None:
         super().__init__(refresh_rate=1 if sys.stderr.isatty() else log_refresh_rate)
+        self.loss: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.loss = None
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor) and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.loss = float(loss)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         metrics = super().get_metrics(trainer, pl_module)
-        if trainer.max_steps > 0 and trainer.training:
-            metrics["step"] = f"{trainer.global_step}/{trainer.max_steps}"
+        if trainer.training:
+            if self.loss is not None:
+                metrics["train/loss"] = self.loss
+            if trainer.max_steps > 0:
+                metrics["step"] = f"{trainer.global_step}/{trainer.max_steps}"
         return metrics
 
 
@@ -176,9 +198,15 @@ class RunInterrupted(Exception):
 
 def _non_finite_weights(module: torch.nn.Module) -> list[str]:
     """Names of the module's parameters and floating-point buffers that hold a NaN or an infinity (metric
-    states such as a MaxMetric's initial -inf are not weights and are not looked at)."""
-    tensors = [*module.named_parameters(), *module.named_buffers()]
-    return [name for name, t in tensors if t.is_floating_point() and not bool(t.detach().isfinite().all())]
+    states such as a MaxMetric's initial -inf are not weights and are not looked at). One read on the host
+    for all of them, not one per tensor."""
+    tensors = [
+        (n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()
+    ]
+    if not tensors:
+        return []
+    finite = torch.stack([t.detach().isfinite().all().to(tensors[0][1].device) for _, t in tensors]).tolist()
+    return [name for (name, _), ok in zip(tensors, finite) if not ok]
 
 
 class DivergenceGuard(pl.Callback):

@@ -24,11 +24,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ran.nn.registry import create_model
 from ran.nn.units import Attention, Learning, Mask
+from ran.train.config import ConfigError
+from ran.train.graphed_step import GraphedStep, carry_step_count, count_optimizer_step
+from ran.train.metrics import TopKAccuracy
 from ran.train.recipe import (
     CUDA_GRAPH_MODES,
     CompileMode,
     LRFactor,
     Schedule,
+    check_cuda_graph,
     check_recipe,
     effective_batch_size,
 )
@@ -83,7 +87,14 @@ class ImageClassifier(pl.LightningModule):
             and checkpoints stay those of the plain network).
         compile_mode: torch.compile's mode; 'reduce-overhead' and 'max-autotune' also replay each compiled
             graph as a CUDA graph, which removes the per-kernel host cost on a GPU (on a CPU they fall back to
-            'default' with a warning; with DDP they are refused).
+            'default' with a warning; with DDP they are refused). Each mode's compiled graph is specialised
+            on the first batch size it sees (training, evaluation): a batch of another size, such as an
+            epoch's last, partial one, runs eagerly instead of compiling again.
+        cuda_graph: capture the whole training step (forward, loss, backward, the fused SGD update) as one
+            CUDA graph after a few warm-up steps and replay it for every full batch
+            (`ran.train.graphed_step`); the partial batch and evaluation run eagerly. CUDA only, one process,
+            precision 32-true or bf16-mixed, no gradient accumulation or clipping; combines with `compile`
+            in mode 'default' or 'max-autotune-no-cudagraphs'.
     """
 
     MAX_CLASS_SCALARS = 100
@@ -111,6 +122,7 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: CompileMode = "default",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)  # the CLI sends the whole resolved config to the loggers
@@ -122,6 +134,10 @@ class ImageClassifier(pl.LightningModule):
             None  # torch.compile(self.net), made in setup; not a submodule, so not in state_dict
         )
         self._cuda_graphs = False  # the compiled network replays CUDA graphs
+        self._compiled_batch: dict[bool, int] = {}  # training mode -> the batch size its graph is for
+        # cuda_graph: the step runs forward, backward and the update itself (GraphedStep, made at step one)
+        self.automatic_optimization = not cuda_graph
+        self._graphed: GraphedStep | None = None
         self.num_classes = num_classes
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)  # training loss
         self.top_k = min(5, num_classes)
@@ -129,8 +145,9 @@ class ImageClassifier(pl.LightningModule):
         def accuracy(top_k: int = 1, average: str | None = "micro") -> MulticlassAccuracy:
             return MulticlassAccuracy(num_classes, top_k=top_k, average=average)
 
-        # One object per split and metric: a metric accumulates state, so splits never share one.
-        self.train_acc1, self.train_acc5 = accuracy(), accuracy(self.top_k)
+        # One object per split and metric: a metric accumulates state, so splits never share one. Training's
+        # are updated every step and never read the device on the host (TopKAccuracy).
+        self.train_acc1, self.train_acc5 = TopKAccuracy(1), TopKAccuracy(self.top_k)
         self.val_acc1, self.val_acc5 = accuracy(), accuracy(self.top_k)
         self.test_acc1, self.test_acc5 = accuracy(), accuracy(self.top_k)
         self.test_acc1_per_class = accuracy(average=None)
@@ -144,8 +161,8 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes)."""
         x = x.contiguous(memory_format=self.memory_format)
-        if self._compiled is None:
-            return self.net(x)
+        if self._compiled is None or self._compiled_batch.setdefault(self.training, len(x)) != len(x):
+            return self.net(x)  # not compiled, or a batch size the compiled graph is not for
         if self._cuda_graphs:
             # A new iteration: the previous one's graph outputs (already consumed) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
@@ -174,6 +191,11 @@ class ImageClassifier(pl.LightningModule):
             and trainer.strategy.root_device.type == "cuda"
         ):
             self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        if stage == "fit" and self.hparams.get("cuda_graph"):
+            try:
+                check_cuda_graph(self.hparams, trainer)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.hparams.get("compile"):
             self.compile_network()
 
@@ -275,19 +297,39 @@ class ImageClassifier(pl.LightningModule):
     def on_train_start(self) -> None:
         """Apply the config's recipe (over a resumed checkpoint's), then log the effective batch size, the
         learning rate it gives and the realised clean-label ratio."""
+        carry_step_count(self.trainer)  # a checkpoint of the other optimization mode continues at its step
         self.apply_recipe()
         self.log_run_facts()
+        self._graphed = None  # a new fit captures its own optimizer's step
 
     # --- steps ---------------------------------------------------------------------------------------------
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        if self.automatic_optimization:
+            logits = self(x)
+            loss = self.criterion(logits, y)
+        else:
+            logits, loss = self.graphed_step(x, y)
         self.train_acc1.update(logits.detach(), y)
         self.train_acc5.update(logits.detach(), y)
-        self.log("train/loss", loss, prog_bar=True)
+        # Not on the progress bar: Lightning would read it on the host after every step (StepProgressBar
+        # shows it at the log steps).
+        self.log("train/loss", loss)
         return loss
+
+    def graphed_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cuda_graph`'s step: forward, loss, backward and the SGD update through `GraphedStep` (captured on
+        CUDA), counted as Lightning's optimizer step, then the schedule's step. The loss is copied out of the
+        graph's buffer, which the next step overwrites."""
+        optimizer = self.optimizers()
+        if self._graphed is None:
+            capture = self.device.type == "cuda"
+            self._graphed = GraphedStep(self, self.criterion, optimizer.optimizer, capture=capture)
+        logits, loss = self._graphed(x, y)
+        count_optimizer_step(optimizer)
+        self.lr_schedulers().step()
+        return logits, loss.clone()
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         """Update `split`'s loss and top-1/top-5 metrics with one batch; returns the logits."""

@@ -19,6 +19,7 @@ __all__ = [
     "LRFactor",
     "Schedule",
     "check_compile_mode",
+    "check_cuda_graph",
     "check_recipe",
     "effective_batch_size",
 ]
@@ -76,6 +77,36 @@ def check_compile_mode(hp: Any, world_size: int) -> None:
         raise ValueError(
             f"model.compile_mode {mode} captures CUDA graphs, which ran does not combine with DDP "
             f"({world_size} processes): use --model.compile_mode max-autotune-no-cudagraphs or default"
+        )
+
+
+def check_cuda_graph(hp: Any, trainer: pl.Trainer) -> None:
+    """A ValueError naming the conflict and the fix for a `model.cuda_graph` run that cannot be captured."""
+    if not hp.get("cuda_graph"):
+        return
+    device = trainer.strategy.root_device.type
+    what = "model.cuda_graph captures the training step as a CUDA graph"
+    if device != "cuda":
+        raise ValueError(f"{what}, which needs a CUDA device (this run trains on {device}): leave it out")
+    if trainer.world_size > 1:
+        raise ValueError(
+            f"{what}, which ran does not combine with DDP ({trainer.world_size} processes): leave it out, "
+            "or use --model.compile true"
+        )
+    if trainer.precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(
+            f"{what} in precision 32-true or bf16-mixed, not {trainer.precision} (whose gradient scaler "
+            "reads the GPU on the host every step): use --trainer.precision bf16-mixed"
+        )
+    if trainer.accumulate_grad_batches != 1 or trainer.gradient_clip_val:
+        raise ValueError(
+            f"{what} with one update per batch: leave out --trainer.accumulate_grad_batches and "
+            "--trainer.gradient_clip_val, or model.cuda_graph"
+        )
+    if hp.get("compile") and (hp.get("compile_mode") or "default") in CUDA_GRAPH_MODES:
+        raise ValueError(
+            f"{what} already; a compile_mode that captures its own cannot run inside it: use "
+            "--model.compile_mode default (or max-autotune-no-cudagraphs) with it"
         )
 
 

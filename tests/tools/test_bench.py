@@ -242,3 +242,18 @@ def test_bench_times_the_imagenet_shards_beside_the_tree(imagenet_dir, tmp_path,
     assert "data pipeline (imagenet, litdata, cpu decode): " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="apply to --data imagenet"):
         main(["--data", "cifar10", "--data-dir", str(tmp_path), "--format", "litdata"])
+
+
+def test_bench_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(
+        SystemExit, match="--cuda-graph captures CUDA graphs, which cpu has not: use --device cuda"
+    ):
+        main(["--model", "attention56_cifar", "--device", "cpu", "--cuda-graph", "--model-kwargs", TINY])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the captured step")
+def test_bench_cuda_graph_times_the_captured_step(capsys):
+    result = main(
+        ["--model", "attention56_cifar", "--device", "cuda", "--cuda-graph", "--model-kwargs", TINY]
+    )
+    assert result["cuda_graph"] is True and result["train_img_s"] > 0

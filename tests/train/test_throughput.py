@@ -4,10 +4,11 @@ logs images/s and FLOPs/s through Lightning's ThroughputMonitor."""
 from __future__ import annotations
 
 import csv
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import TINY_MODEL_KWARGS
-from pytorch_lightning.callbacks import throughput_monitor
 from pytorch_lightning.utilities.model_summary import ModelSummary
 from test_cli import cifar_fit
 
@@ -15,7 +16,7 @@ import ran.train.throughput
 from ran.cli.main import main
 from ran.tools.summary import count_macs
 from ran.train.module import ImageClassifier
-from ran.train.throughput import network_flops
+from ran.train.throughput import ImageThroughput, network_flops
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 
@@ -56,7 +57,7 @@ def test_training_flops_are_forward_and_backward():
 def test_throughput_reaches_the_logger(cifar10_dir, run_root, monkeypatch):
     """Images/s, and with a known peak (here a pretended 1 TFLOP/s CPU) FLOPs/s and MFU."""
     monkeypatch.setattr(ran.train.throughput, "THROUGHPUT_WINDOW", 3)
-    monkeypatch.setattr(throughput_monitor, "get_available_flops", lambda device, dtype: 10**12)
+    monkeypatch.setattr(ran.train.throughput, "get_available_flops", lambda device, dtype: 10**12)
     assert main(cifar_fit(cifar10_dir, run_root, "speed", steps=5)) == 0
     with open(run_root / "speed" / "csv" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/device/samples_per_sec")]
@@ -83,3 +84,44 @@ def test_without_a_known_peak_only_images_per_second_are_logged(cifar10_dir, run
         rows = list(csv.DictReader(f))
     assert any(r.get("train/device/samples_per_sec") for r in rows) and not counted
     assert not any(r.get("train/device/flops_per_sec") for r in rows)
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, metrics))
+
+
+def test_on_a_gpu_the_clock_is_read_only_at_log_steps(monkeypatch):
+    """The device is synchronised at the start, at every log step and around validation, not per step."""
+    synchronised: list[int] = []
+    trainer = SimpleNamespace(
+        global_step=0,
+        log_every_n_steps=5,
+        world_size=1,
+        sanity_checking=False,
+        state=SimpleNamespace(fn="fit"),
+        strategy=SimpleNamespace(root_device=torch.device("cuda")),
+        loggers=[RecordingLogger()],
+    )
+    monkeypatch.setattr(
+        torch.cuda, "synchronize", lambda device=None: synchronised.append(trainer.global_step)
+    )
+    monitor = ImageThroughput()
+    monitor.on_train_start(trainer, None)
+    batch = (torch.zeros(16, 3, 2, 2), torch.zeros(16))
+    for step in range(1, 21):
+        trainer.global_step = step
+        monitor.on_train_batch_end(trainer, None, None, batch, step - 1)
+        if step == 10:
+            monitor.on_validation_start(trainer, None)
+            monitor.on_validation_batch_end(trainer, None, None, batch, 0)
+            monitor.on_validation_end(trainer, None)
+    assert synchronised == [0, 5, 10, 10, 10, 15, 20]  # start, log steps, validation's start and end
+    logged = {step: metrics for step, metrics in trainer.loggers[0].rows}
+    assert sorted(logged) == [5, 10, 15, 20]
+    assert logged[20]["train/samples"] == 320 and logged[20]["train/batches"] == 20
+    assert logged[15]["train/device/samples_per_sec"] > 0  # over the last THROUGHPUT_WINDOW intervals
+    assert logged[10]["validate/samples"] == 16  # the validation's own figures, at its end

@@ -1,0 +1,1 @@
+"""Measurements made on a GPU machine: `python -m experiments.gpu.fast_path`."""
