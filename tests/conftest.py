@@ -3,9 +3,11 @@ and a reader for W&B's offline run files."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +123,29 @@ def wandb_records(path: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The records of a W&B run file once its writer (the wandb-core process, which may still be flushing
+    after `wandb.finish` returns) has written the closing `exit` record."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if any(r.HasField("exit") for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def offline_record(run_dir: Path, run_id: str) -> dict:
+    """The run record, config and history of the offline W&B runs with id `run_id` under `run_dir/wandb`."""
+    files = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert files, f"no offline W&B run {run_id} in {run_dir / 'wandb'}"
+    records = [r for f in files for r in finished_records(f)]
+    updates = [r.config for r in records if r.HasField("config")]
+    updates += [r.run.config for r in records if r.HasField("run")]  # wandb.init(config=...)
+    config = {u.key or "/".join(u.nested_key): json.loads(u.value_json) for c in updates for u in c.update}
+    history_keys = {
+        i.key or "/".join(i.nested_key) for r in records if r.HasField("history") for i in r.history.item
+    }
+    runs = [r.run for r in records if r.HasField("run")]
+    return {"files": files, "config": config, "history_keys": history_keys, "run": runs[0]}

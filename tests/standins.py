@@ -7,6 +7,8 @@ import stat
 import sys
 from pathlib import Path
 
+from ran.train.rundir import RunDir
+
 
 def fake_ran(tmp_path: Path) -> Path:
     """A stand-in `ran` that records its arguments and writes results.json as the real one does."""
@@ -33,3 +35,17 @@ results.write_text(json.dumps(data))
 """)
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
+
+
+def finished_run(
+    root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100
+) -> None:
+    """Write what `ran fit` and `ran test` leave in a finished run's results.json (err1 None: a fit still
+    running at `step`), in the launcher's layout `<root>/<suite>/<budget>/<run>/seed<S>`."""
+    run_dir = root / suite / budget / run / f"seed{seed}"
+    RunDir(run_dir).update_results(
+        "fit",
+        {"status": "finished" if err1 is not None else "running", "global_step": step, "max_steps": 100},
+    )
+    if err1 is not None:
+        RunDir(run_dir).update_results("test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})

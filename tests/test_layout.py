@@ -119,3 +119,21 @@ def test_no_import_circle():
 def test_no_module_is_over_the_limit(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{MODULES[name]} has {lines} lines (at most {MAX_LINES}): split it by job"
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/ (conftest, datagen, fits, probes, standins), never in a test module:
+    a test file that imports another works only when pytest happens to have put that folder on sys.path."""
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "tests").rglob("test_*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        and any(
+            name.startswith("test_")
+            for name in (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            )
+        )
+    ]
+    assert not offenders, f"test modules importing test modules: {offenders}"

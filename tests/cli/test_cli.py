@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from conftest import CONFIGS, REPO, SHARED_DATA, TINY_MODEL_FLAG, wandb_records
+from fits import callbacks, cifar_fit, load_ckpt
 
 from ran.cli.main import main
 from ran.cli.runs import is_launch_rank_zero
@@ -25,47 +26,6 @@ from ran.train.tracking import wandb_mode
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 
 TESTS = Path(__file__).resolve().parents[1]
-
-
-def cifar_fit(
-    data_dir: Path,
-    run_root: Path,
-    name: str,
-    *extra: str,
-    config: str = "cifar10/attention56.yaml",
-    steps: int = 6,
-    logger: str = "csv",
-) -> list[str]:
-    """`ran fit` arguments for a tiny network on fake CIFAR: 160 training images (10 steps of 16), 40 for
-    validation."""
-    return [
-        "fit",
-        "-c",
-        str(CONFIGS / config),
-        "--data.data_dir",
-        str(data_dir),
-        "--data.val_size",
-        "40",
-        "--data.batch_size",
-        "16",
-        "--model.model_kwargs",
-        TINY_MODEL_FLAG,
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_model_summary",
-        "false",
-        "--run.root",
-        str(run_root),
-        "--run.name",
-        name,
-        "--run.logger",
-        logger,
-        *extra,
-    ]
 
 
 def imagenet_fit(data_dir: Path, run_root: Path, name: str, *extra: str, steps: int = 3) -> list[str]:
@@ -110,10 +70,6 @@ def metrics(run_dir: Path, version: int = 0) -> list[dict[str, str]]:
 
 def logged(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
-
-
-def load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # --- training runs ------------------------------------------------------------------------------------------
@@ -183,13 +139,6 @@ def test_fit_then_test_an_imagenet_tree(imagenet_dir, run_root):
     assert torch.allclose(predictions["probs"].sum(1), torch.ones(12))
     module = ImageClassifier.load_from_checkpoint(run / "checkpoints/best.ckpt")
     assert module.num_classes == 3 and module.hparams.arch == "attention56"
-
-
-def callbacks(*probes: tuple[str, dict]) -> str:
-    """A `--trainer.callbacks` value: (class name in probes.py, init_args) pairs."""
-    return json.dumps(
-        [{"class_path": f"probes.{name}", "init_args": init_args} for name, init_args in probes]
-    )
 
 
 def test_resume_continues_step_lr_optimizer_rng_and_the_wandb_run(

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, wandb_records
-from test_cli import callbacks, cifar_fit, load_ckpt
+from fits import callbacks, cifar_fit, load_ckpt
 
 from ran.cli.main import main
 from ran.cli.runs import SameCheckpointOnEveryRank

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fits import cifar_fit
 from PIL import Image
-from test_cli import cifar_fit
 
 from experiments.__main__ import main as experiments_main
 from ran.cli.main import main

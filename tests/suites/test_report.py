@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from standins import finished_run
 
 from experiments.__main__ import main as experiments_main
 from experiments.report import collect, markdown_table, report
@@ -22,24 +23,12 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
-def _finish(
-    root: Path, suite: str, budget: str, run: str, seed: int, err1: float | None, step: int = 100
-) -> None:
-    run_dir = root / suite / budget / run / f"seed{seed}"
-    RunDir(run_dir).update_results(
-        "fit",
-        {"status": "finished" if err1 is not None else "running", "global_step": step, "max_steps": 100},
-    )
-    if err1 is not None:
-        RunDir(run_dir).update_results("test", {"metrics": {"test/err1": err1, "test/acc1": 1 - err1 / 100}})
-
-
 def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
     suite = load_suite("table3")
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 0, 30.0)
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 1, 32.0)
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", 0, 35.5)
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention164_nal", 0, None, step=40)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 0, 30.0)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", 1, 32.0)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", 0, 35.5)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention164_nal", 0, None, step=40)
     text, md, csv_path = report(suite, "cpu-mini", tmp_path)
     table = text.split("Contrast")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
@@ -58,14 +47,14 @@ def test_report_builds_the_papers_table_with_missing_runs(tmp_path):
 
 def test_report_weighs_the_suites_contrast_against_the_seed_spread(tmp_path):
     for seed, (arl, nal) in enumerate([(30.0, 35.0), (32.0, 36.0), (31.0, 37.0)]):
-        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", seed, arl)  # sd 1.0
-        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", seed, nal)  # sd 1.0
+        finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_arl", seed, arl)  # sd 1.0
+        finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention56_nal", seed, nal)  # sd 1.0
     for seed, (arl, nal) in enumerate([(40.0, 39.0), (44.0, 45.0)]):
-        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_arl", seed, arl)  # sd 2.83
-        _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_nal", seed, nal)  # sd 4.24
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_arl", 0, 40.0)
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 0, 50.0)
-    _finish(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 1, None, step=40)  # still running
+        finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_arl", seed, arl)  # sd 2.83
+        finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention92_nal", seed, nal)  # sd 4.24
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_arl", 0, 40.0)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 0, 50.0)
+    finished_run(tmp_path, "arl_vs_nal", "cpu-mini", "attention128_nal", 1, None, step=40)  # still running
     text, _, _ = report(load_suite("table3"), "cpu-mini", tmp_path)
     contrast = text.split("Contrast nal − arl")[1]
     rows = {line.split(" | ")[0].strip("| "): line for line in contrast.splitlines() if line.startswith("| ")}
@@ -86,7 +75,7 @@ def test_suite_contrast_must_name_two_column_values():
 
 
 def test_report_cli_prints_and_writes(tmp_path, capsys):
-    _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
+    finished_run(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
     assert (
         experiments_main(
             ["report", "table4", "--budget", "smoke", "--root", str(tmp_path), "--out", str(tmp_path / "out")]

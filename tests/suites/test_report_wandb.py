@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import offline_record
 from PIL import Image
-from test_experiments import _finish
-from test_wandb_record import offline_record
+from standins import finished_run
 
 from experiments.__main__ import main as experiments_main
 from experiments.report import chart, collect
@@ -31,15 +31,15 @@ def test_report_chart_draws_measured_beside_paper():
 def test_chart_differs_with_the_measured_figures(tmp_path):
     suite = load_suite("table4")
     empty = np.asarray(chart(suite, "smoke", collect(suite, "smoke", tmp_path)))
-    _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
+    finished_run(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
     measured = np.asarray(chart(suite, "smoke", collect(suite, "smoke", tmp_path)))
     assert empty.shape != measured.shape or (empty != measured).any()
 
 
 def test_report_writes_a_png_and_logs_table_and_chart_to_wandb(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
-    _finish(tmp_path, "mask_structure", "smoke", "attention56_local", 1, 52.0)
+    finished_run(tmp_path, "mask_structure", "smoke", "attention56_local", 0, 50.0)
+    finished_run(tmp_path, "mask_structure", "smoke", "attention56_local", 1, 52.0)
     out = tmp_path / "out"
     args = ["report", "table4", "--budget", "smoke", "--root", str(tmp_path), "--out", str(out), "--wandb"]
     assert experiments_main(args) == 0
@@ -75,8 +75,8 @@ def test_report_writes_a_png_and_logs_table_and_chart_to_wandb(tmp_path, monkeyp
 def test_report_logs_the_suites_contrast_to_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     for seed, (arl, nal) in enumerate([(30.0, 35.0), (32.0, 37.0)]):
-        _finish(tmp_path, "arl_vs_nal", "smoke", "attention56_arl", seed, arl)
-        _finish(tmp_path, "arl_vs_nal", "smoke", "attention56_nal", seed, nal)
+        finished_run(tmp_path, "arl_vs_nal", "smoke", "attention56_arl", seed, arl)
+        finished_run(tmp_path, "arl_vs_nal", "smoke", "attention56_nal", seed, nal)
     out = tmp_path / "out"
     args = ["report", "table3", "--budget", "smoke", "--root", str(tmp_path), "--out", str(out), "--wandb"]
     assert experiments_main(args) == 0

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cli import callbacks, cifar_fit, load_ckpt
+from fits import callbacks, cifar_fit, load_ckpt
 
 from experiments.report import seed_state
 from ran.cli.app import ConfigError

@@ -9,7 +9,6 @@ the same comparison runs captured, within bf16's precision (`experiments/gpu/fas
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY_MODEL_KWARGS
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "cli"))  # test_cli, also when this file runs alone
-from test_cli import cifar_fit  # noqa: E402
+from fits import cifar_fit
 
 import ran.train.module
 from ran.cli.main import main

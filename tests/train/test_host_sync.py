@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from fits import cifar_fit
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -31,9 +32,6 @@ import ran.train.module
 from ran.cli.main import main
 from ran.train.callbacks import DivergenceGuard
 from ran.train.metrics import TopKAccuracy
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "cli"))  # test_cli, also when this file runs alone
-from test_cli import cifar_fit  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::datamodules.errors.DatasetSizeWarning")
 

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import TINY_MODEL_KWARGS
+from fits import cifar_fit
 from pytorch_lightning.utilities.model_summary import ModelSummary
-from test_cli import cifar_fit
 
 import ran.train.throughput
 from ran.cli.main import main
