@@ -16,6 +16,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def _convert_split(
             workers = saved
         print(f"{split}: resuming the interrupted conversion in {folder}", file=sys.stderr)
     if not (folder / "index.json").is_file() or checkpoint.is_file():
+        sigint = signal.getsignal(signal.SIGINT)  # litdata installs its own (os._exit(0)) and leaves it
         try:
             optimize(
                 fn=shard_item,
@@ -146,6 +148,8 @@ def _convert_split(
                 f"{folder} holds an interrupted conversion of other images ({exc}). Fix: delete {folder} or "
                 f"convert into a new folder."
             ) from exc
+        finally:
+            signal.signal(signal.SIGINT, sigint)
     chunks = _verify(folder, names, stored)
     positions = np.empty_like(stored)
     positions[stored] = np.arange(len(stored))

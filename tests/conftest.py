@@ -28,11 +28,16 @@ os.environ["WANDB_SILENT"] = "true"  # no W&B banners in test output
 def _wandb_disabled_by_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself. W&B
     reads its settings once per process (at its first `wandb.init`), so each test ends with wandb.teardown():
-    a test that logs offline after one that ran disabled then writes its files, whatever the tests' order."""
+    a test that logs offline after one that ran disabled then writes its files, whatever the tests' order.
+    The run is finished first: teardown alone leaves its console hooks on stdout, which then write into the
+    torn-down service and fail every later test that prints."""
     monkeypatch.setenv("WANDB_MODE", "disabled")
     yield
     if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
+        wandb = sys.modules["wandb"]
+        if wandb.run is not None:
+            wandb.run.finish()
+        wandb.teardown()
 
 
 @pytest.fixture

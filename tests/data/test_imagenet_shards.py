@@ -5,6 +5,7 @@ decode's worker side and refusal on a CPU (`datamodules.decoding`)."""
 from __future__ import annotations
 
 import json
+import signal
 import types
 from pathlib import Path
 
@@ -118,6 +119,13 @@ def test_convert_keeps_a_finished_split_and_refuses_what_it_did_not_write(tree, 
     other = datagen.make_imagenet_tree(tmp_path / "other", classes=("n0001", "n0002"), n_train_per_class=2)
     assert convert_main(["imagenet", "--data-dir", str(other), "--out", str(shards)]) == 1
     assert "holds shards of other classes" in capsys.readouterr().err
+
+
+def test_convert_leaves_the_callers_ctrl_c_handler(tree, tmp_path):
+    """litdata's optimize() installs a SIGINT handler that exits with status 0 and never takes it back."""
+    before = signal.getsignal(signal.SIGINT)
+    assert convert_main(["imagenet", "--data-dir", str(tree), "--out", str(tmp_path / "s")]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_convert_reports_a_bad_tree_in_one_line(tmp_path, capsys):

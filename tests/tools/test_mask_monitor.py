@@ -112,7 +112,8 @@ def test_grids_are_wandb_media_of_the_offline_run(cifar10_dir, tmp_path, monkeyp
     )
     trainer.test(trainer.lightning_module, datamodule=trainer.datamodule)
     run_id = logger.experiment.id
-    wandb.teardown()  # finishes the run and waits until W&B's service has written its offline files
+    logger.experiment.finish()
+    wandb.teardown()  # waits until W&B's service has written the run's offline files
     (run_dir,) = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}")
     history = [
         history_row(r) for r in wandb_records(run_dir / f"run-{run_id}.wandb") if r.HasField("history")
