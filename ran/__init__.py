@@ -4,44 +4,9 @@
 summaries, pictures; `ran.cli`: the `ran` command. The networks' API is re-exported here.
 """
 
-from ran.nn import (
-    ATTENTIONS,
-    LEARNINGS,
-    MASKS,
-    UNITS,
-    AttentionModule,
-    PostActBottleneck,
-    PreActBottleneck,
-    PretrainedWeightsError,
-    ResidualAttentionNet,
-    UnitSpec,
-    WeightsDownloadError,
-    create_model,
-    list_models,
-    list_pretrained,
-    load_pretrained,
-    model_entrypoint,
-    register_model,
-)
+from ran import nn
+from ran.nn import *  # noqa: F403  (the networks' API: ran.create_model, ran.list_models, ...)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ATTENTIONS",
-    "LEARNINGS",
-    "MASKS",
-    "UNITS",
-    "AttentionModule",
-    "PostActBottleneck",
-    "PreActBottleneck",
-    "PretrainedWeightsError",
-    "ResidualAttentionNet",
-    "UnitSpec",
-    "WeightsDownloadError",
-    "create_model",
-    "list_models",
-    "list_pretrained",
-    "load_pretrained",
-    "model_entrypoint",
-    "register_model",
-]
+__all__ = list(nn.__all__)

@@ -59,6 +59,15 @@ def collect_rng_states() -> dict[str, Any]:
     return states
 
 
+def gather_from_ranks(mine: Any) -> list[Any]:
+    """Every process's ``mine``, in rank order (all_gather_object under DDP; ``[mine]`` in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        return gathered
+    return [mine]
+
+
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore states saved by `collect_rng_states`."""
     torch.set_rng_state(states["torch"])
@@ -86,13 +95,7 @@ class RNGStateCallback(pl.Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        mine = collect_rng_states()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
-        checkpoint[self.key] = gathered
+        checkpoint[self.key] = gather_from_ranks(collect_rng_states())
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
+
+from ran.train.callbacks import gather_from_ranks
 
 __all__ = ["MetricStateCallback"]
 
@@ -46,12 +47,7 @@ class MetricStateCallback(pl.Callback):
             name: {"state": _to(m.metric_state, None), "updates": m._update_count}
             for name, m in _metrics(pl_module).items()
         }
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
-        else:
-            gathered = [mine]
-        checkpoint[self.key] = gathered
+        checkpoint[self.key] = gather_from_ranks(mine)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
