@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -298,8 +299,11 @@ def write_folder(model: nn.Module, directory: Path) -> None:
     weights are stored in the standard layout)."""
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(_json(config_of(model)) + "\n")
+    save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600): give the weights the permissions the
+    # umask gives config.json, so that others on a shared file system can read what they can list
+    shutil.copymode(directory / CONFIG_FILE, directory / WEIGHTS_FILE)
 
 
 def _json(value: Any, indent: int = 0) -> str:

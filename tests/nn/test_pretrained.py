@@ -61,6 +61,9 @@ def test_save_pretrained_writes_the_hub_layout(saved):
     assert config["input_size"] == [3, 32, 32]
     card = (folder / "README.md").read_text()
     assert "library_name: ran" in card and "# attention56_cifar" in card
+    # readable by whoever may read the folder's other files (safetensors alone writes mode 0600)
+    mode = (folder / CONFIG_FILE).stat().st_mode
+    assert (folder / WEIGHTS_FILE).stat().st_mode == mode
 
 
 @pytest.mark.parametrize(
