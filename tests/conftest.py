@@ -24,20 +24,25 @@ TINY_MODEL_FLAG = "{stage_widths: [16, 32, 64], stem_width: 8, final_width: 64}"
 os.environ["WANDB_SILENT"] = "true"  # no W&B banners in test output
 
 
-@pytest.fixture(autouse=True)
-def _wandb_disabled_by_default(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself. W&B
-    reads its settings once per process (at its first `wandb.init`), so each test ends with wandb.teardown():
-    a test that logs offline after one that ran disabled then writes its files, whatever the tests' order.
-    The run is finished first: teardown alone leaves its console hooks on stdout, which then write into the
-    torn-down service and fail every later test that prints."""
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+@pytest.fixture
+def _wandb_torn_down() -> Iterator[None]:
+    """Each test ends with wandb.teardown(): W&B reads its settings once per process (at its first
+    `wandb.init`), so a test that logs offline after one that ran disabled then writes its files, whatever the
+    tests' order. The active run is finished first: teardown alone leaves its console hooks on stdout, which
+    then write into the torn-down service and fail every later test that prints. Set up before monkeypatch,
+    so torn down after it: a test's stand-in `wandb.run` is gone by then."""
     yield
     if "wandb" in sys.modules:
         wandb = sys.modules["wandb"]
         if wandb.run is not None:
             wandb.run.finish()
         wandb.teardown()
+
+
+@pytest.fixture(autouse=True)
+def _wandb_disabled_by_default(_wandb_torn_down: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the W&B servers: W&B is disabled unless a test sets WANDB_MODE=offline itself."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
 @pytest.fixture
