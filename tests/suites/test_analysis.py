@@ -382,7 +382,9 @@ def test_cli_attaches_pictures_and_tables_to_the_runs_offline_wandb_run(
         "responses.png",
     ]
     wandb.teardown()  # waits until W&B's service has written the offline run files
-    offline = sorted((run / "wandb").glob("offline-run-*-tinyrun1"))
+    # W&B names a second folder of the same second "...-tinyrun1-1"
+    folders = (run / "wandb").glob("offline-run-*")
+    offline = sorted(f for f in folders if f.name.endswith("-tinyrun1") or "-tinyrun1-" in f.name)
     assert len(offline) == 2  # the masks, then the responses, each resuming the run's id
     logged = [
         {item.key or item.nested_key[0] for item in record.history.item}
